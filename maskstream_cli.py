@@ -1,10 +1,44 @@
-"""The `maskstream` console script: one entry point, a subcommand per task."""
+"""The `maskstream` console script: one entry point, a subcommand per task.
+
+Each subcommand is owned by the package that does the work; this file only dispatches, importing lazily so
+`maskstream --help` stays fast and `maskstream inspect` never imports apache_beam.
+"""
+import importlib
 import sys
 
+# subcommand -> (module, function taking argv, one-line help)
+COMMANDS = {
+    "tokenizer": ("pipeline.tokenizer", "main", "train a WordPiece or byte-level BPE tokenizer"),
+    "preprocess": ("pipeline.run", "main", "run the Beam job: corpus -> verified WebDataset shards"),
+    "inspect": ("loader.inspect", "main", "summarize, verify, show or dump masks of a shard folder"),
+    "train": ("trainer.train", "main", "train the MLM encoder on shards"),
+    "evaluate": ("trainer.evaluate", "main", "held-out MLM loss / accuracy of a run"),
+    "fill-mask": ("trainer.evaluate", "fill_mask_main", "predict the [MASK] words of a sentence"),
+    "demo": ("trainer.demo", "main", "tokenizer -> Beam job -> train -> evaluate on the bundled corpus"),
+    "experiment": ("trainer.experiment", "main", "static-vs-dynamic masking experiment"),
+    "bench": ("bench.run", "main", "every benchmark against its anchor, one table"),
+}
 
-def main(argv=None):
-    raise SystemExit("maskstream: not built yet")
+
+def usage() -> str:
+    lines = ["usage: maskstream COMMAND [options]   (maskstream COMMAND --help for its options)", ""]
+    lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"maskstream: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    result = getattr(importlib.import_module(module), func)(rest)
+    return int(result or 0)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The masking rule (DESIGN contract 3): pure tensor functions, keyed randomness, any device.
+
+The mask of a sequence is a pure function of (seed, epoch, uid, tokens, word starts, config). Randomness comes
+from a counter-based generator: a keyed 32-bit integer hash of (sequence key, position, stream), computed with
+int64 tensor ops whose products never overflow, so CPU and GPU give the same bits for any batch composition.
+No global RNG, no I/O, no Python loop over sequences.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2**31: a product with a 32-bit value stays below 2**63, so int64 never overflows
+
+SELECTIONS = ("token", "word", "span")
+COUNTS = ("exact", "bernoulli")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskingConfig:
+    """What to select and how to corrupt it; the same config gives the same masks everywhere."""
+    mask_prob: float = 0.15
+    mask_token_frac: float = 0.8    # of the selected: replaced by the mask token
+    random_token_frac: float = 0.1  # of the selected: replaced by a random non-special token; the rest unchanged
+    selection: str = "token"        # token | word (whole word) | span (SpanBERT, whole-word aligned)
+    count: str = "exact"            # exact: round(p*n) per sequence (at least 1) | bernoulli: each unit with p
+    span_p: float = 0.2             # span lengths in words ~ Geometric(span_p) ...
+    span_max: int = 10              # ... cut at span_max
+
+    def __post_init__(self):
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob={self.mask_prob} must be in (0, 1), e.g. 0.15")
+        if self.mask_token_frac < 0 or self.random_token_frac < 0 or \
+                self.mask_token_frac + self.random_token_frac > 1.0:
+            raise ValueError(f"mask_token_frac={self.mask_token_frac} and random_token_frac="
+                             f"{self.random_token_frac} must be >= 0 and sum to <= 1 (BERT: 0.8 and 0.1)")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r}; choose one of {SELECTIONS}")
+        if self.count not in COUNTS:
+            raise ValueError(f"count={self.count!r}; choose one of {COUNTS}")
+        if not 0.0 < self.span_p <= 1.0 or self.span_max < 1:
+            raise ValueError(f"span_p={self.span_p} must be in (0, 1] and span_max={self.span_max} >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MaskingConfig":
+        return cls(**d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Vocab:
+    """The token facts masking needs, read from the tokenizer or index.json."""
+    size: int
+    pad_id: int
+    mask_id: int
+    special_ids: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "special_ids", tuple(sorted(set(int(i) for i in self.special_ids))))
+        for name in ("pad_id", "mask_id"):
+            if not 0 <= getattr(self, name) < self.size:
+                raise ValueError(f"{name}={getattr(self, name)} outside the vocabulary of size {self.size}")
+        if len(self.special_ids) >= self.size:
+            raise ValueError("every token is special: nothing left to mask or to draw random replacements from")
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "pad_id": self.pad_id, "mask_id": self.mask_id,
+                "special_ids": list(self.special_ids)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Vocab":
+        return cls(size=d["size"], pad_id=d["pad_id"], mask_id=d["mask_id"], special_ids=tuple(d["special_ids"]))
+
+
+# ---- the counter-based generator --------------------------------------------------------------------------
+
+def _mix(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (bijective on [0, 2**32)), computed in int64 without overflow; x is not changed."""
+    x = x & _M32
+    x ^= x >> 16
+    x *= _MIX
+    x &= _M32
+    x ^= x >> 16
+    x *= _MIX
+    x &= _M32
+    x ^= x >> 16
+    return x
+
+
+def _mix_int(x: int) -> int:
+    """_mix for a Python int, bit for bit."""
+    x &= _M32
+    x = (((x >> 16) ^ x) * _MIX) & _M32
+    x = (((x >> 16) ^ x) * _MIX) & _M32
+    return (x >> 16) ^ x
+
+
+def sequence_keys(uids: Tensor, *, seed: int, epoch: int) -> Tensor:
+    """(B,) int64 in [0, 2**32): the key of each sequence for this (seed, epoch)."""
+    k = _mix_int(_mix_int(_mix_int(seed & _M32) ^ ((seed >> 32) & _M32)) ^ (epoch & _M32))
+    uids = uids.to(torch.int64)
+    lo, hi = uids & _M32, (uids >> 32) & _M32  # >> is arithmetic, the mask keeps the bit pattern
+    return _mix(_mix(lo ^ k) ^ _mix(hi + 0x9E3779B9))
+
+
+def keyed_bits(keys: Tensor, length: int, stream: int) -> Tensor:
+    """(B, L) int64 uniform 32-bit values for positions 0..L-1 of each keyed sequence, one stream of several."""
+    pos = torch.arange(length, device=keys.device, dtype=torch.int64)
+    return _mix(keys[:, None] ^ _mix(pos * 8 + stream))
+
+
+def keyed_bits_at(keys: Tensor, rows: Tensor, cols: Tensor, stream: int) -> Tensor:
+    """keyed_bits(keys, L, stream)[rows, cols], computed only there (for the few selected positions)."""
+    return _mix(keys[rows] ^ _mix(cols * 8 + stream))
+
+
+def _threshold(prob: float) -> int:
+    """p as a 24-bit integer threshold: `bits >> 8 < threshold` happens with probability p, on any device."""
+    return int(round(prob * (1 << 24)))
+
+
+# ---- selection --------------------------------------------------------------------------------------------
+
+_TABLES: dict = {}
+
+
+def _tables(vocab: Vocab, device) -> tuple[Tensor, Tensor]:
+    """(is_special (V,) bool, regular ids (V',) int64) on `device`, built once per vocabulary and device."""
+    key = (vocab, str(device))
+    if key not in _TABLES:
+        special = torch.zeros(vocab.size, dtype=torch.bool)
+        special[list(vocab.special_ids)] = True
+        _TABLES[key] = (special.to(device), torch.nonzero(~special).squeeze(1).to(device))
+    return _TABLES[key]
+
+
+def _eligible(tokens: Tensor, lengths: Tensor, vocab: Vocab) -> Tensor:
+    """(B, L) bool: real positions that hold no special token."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab.size):
+        raise ValueError(f"token ids outside [0, {vocab.size}): the shards do not match this vocabulary")
+    real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+    return real & ~_tables(vocab, tokens.device)[0][tokens]
+
+
+def _span_units(eligible, word_starts, keys, config):
+    """Spans of whole words whose lengths are Geometric(span_p), cut at span_max words.
+
+    A word opens a new span with probability span_p (a Bernoulli process gives geometric run lengths); a run
+    that reaches span_max words is cut there.
+    """
+    L = eligible.shape[1]
+    is_word = eligible & word_starts
+    opens = is_word & ((keyed_bits(keys, L, stream=3) >> 8) < _threshold(config.span_p))
+    word_idx = torch.cumsum(is_word.to(torch.int64), dim=1)  # (B, L) words seen so far
+    prev = torch.cat([torch.zeros_like(eligible[:, :1]), eligible[:, :-1]], dim=1)
+    opened = torch.where(opens | (eligible & ~prev), word_idx, torch.zeros_like(word_idx))
+    run_start = torch.cummax(opened, dim=1).values  # word index where the current span opened
+    return is_word & ((word_idx - run_start) % config.span_max == 0)
+
+
+UNITS = {
+    "token": lambda eligible, word_starts, keys, config: torch.ones_like(eligible),
+    "word": lambda eligible, word_starts, keys, config: word_starts,
+    "span": _span_units,
+}
+
+
+def select(tokens: Tensor, word_starts: Tensor, lengths: Tensor, keys: Tensor, *,
+           config: MaskingConfig, vocab: Vocab) -> Tensor:
+    """(B, L) bool: the positions chosen for prediction.
+
+    Units (tokens, whole words or spans) are chosen whole. Exact count takes units in keyed random order until
+    round(p * n) tokens are covered (a unit that would overshoot is taken only if at least half of it fits);
+    Bernoulli takes each unit with probability p.
+    """
+    B, L = tokens.shape
+    eligible = _eligible(tokens, lengths, vocab)
+    bits = keyed_bits(keys, L, stream=0) >> 8  # (B, L) 24 random bits
+    if config.selection == "token":
+        starts = eligible
+    else:  # a unit starts where the mode says so, and after any ineligible position (specials, padding)
+        prev = torch.cat([torch.zeros_like(eligible[:, :1]), eligible[:, :-1]], dim=1)
+        starts = eligible & (UNITS[config.selection](eligible, word_starts, keys, config) | ~prev)
+
+    if config.count == "bernoulli":
+        chosen = starts & (bits < _threshold(config.mask_prob))
+        return chosen if config.selection == "token" else _spread(chosen, starts, eligible)
+
+    n = eligible.sum(dim=1)  # (B,)
+    target = torch.floor(n.to(torch.float64) * config.mask_prob + 0.5).to(torch.int64)
+    target = torch.where(n > 0, target.clamp(min=1), target)
+    # unique integer scores (random bits, then position): no ties, no float compare across devices
+    pos = torch.arange(L, device=tokens.device, dtype=torch.int64)
+    score = torch.where(starts, bits * L + pos, torch.full_like(bits, 1 << 62))
+    # NOTE: every unit has >= 1 token, so no unit past rank max(target) + 1 can be taken: top-k, not a sort
+    k = min(L, max(1, int(L * config.mask_prob + 0.5)) + 1)
+    best, order = torch.topk(score, k, dim=1, largest=False, sorted=True)  # (B, k)
+    if config.selection == "token":
+        kth = best.gather(1, (target - 1).clamp(min=0)[:, None])
+        return starts & (score <= kth) & (target > 0)[:, None]
+    start_of = torch.cummax(torch.where(starts, pos.expand(B, L), torch.zeros_like(bits)), dim=1).values
+    unit_len = torch.zeros_like(bits).scatter_add_(1, start_of, eligible.to(torch.int64))  # at unit starts
+    len_sorted = unit_len.gather(1, order) * (best < (1 << 62))
+    before = torch.cumsum(len_sorted, dim=1) - len_sorted
+    take = (2 * before + len_sorted <= 2 * target[:, None]) & (len_sorted > 0)
+    take[:, 0] |= target > 0  # the first unit is always taken, so no sequence goes without a prediction
+    chosen = torch.zeros_like(starts).scatter_(1, order, take)
+    return eligible & chosen.gather(1, start_of)
+
+
+def _spread(chosen_starts: Tensor, starts: Tensor, eligible: Tensor) -> Tensor:
+    """Extend a choice made at unit starts to every position of those units."""
+    B, L = starts.shape
+    pos = torch.arange(L, device=starts.device, dtype=torch.int64).expand(B, L)
+    start_of = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
+    return eligible & chosen_starts.gather(1, start_of)
+
+
+# ---- the whole rule ----------------------------------------------------------------------------------------
+
+def mask_batch(tokens: Tensor, word_starts: Tensor, lengths: Tensor, uids: Tensor, *, seed: int, epoch: int,
+               config: MaskingConfig, vocab: Vocab) -> tuple[Tensor, Tensor]:
+    """Mask a batch for one epoch: (input_ids, labels), both (B, L) int64 on the batch's device.
+
+    tokens (B, L) any int dtype; word_starts (B, L) bool; lengths (B,); uids (B,) int64 (uint64 bit pattern).
+    """
+    tokens = tokens.to(torch.int64)
+    device = tokens.device
+    keys = sequence_keys(uids.to(device), seed=seed, epoch=epoch)
+    selected = select(tokens, word_starts.to(device=device, dtype=torch.bool), lengths.to(device), keys,
+                      config=config, vocab=vocab)
+    labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    # the 80/10/10 draw and the random ids are computed only at the selected positions (~15% of the batch)
+    flat = torch.nonzero(selected.view(-1)).squeeze(1)  # (S,) positions in the flattened batch
+    rows, cols = flat // tokens.shape[1], flat % tokens.shape[1]
+    action = keyed_bits_at(keys, rows, cols, stream=1) >> 8
+    regular = _tables(vocab, device)[1]
+    pick = (keyed_bits_at(keys, rows, cols, stream=2) * regular.numel()) >> 32  # uniform in [0, V')
+    replaced = torch.where(action < _threshold(config.mask_token_frac + config.random_token_frac),
+                           regular[pick], tokens.view(-1)[flat])
+    replaced = torch.where(action < _threshold(config.mask_token_frac),
+                           torch.full_like(replaced, vocab.mask_id), replaced)
+    inputs = tokens.clone()
+    inputs.view(-1)[flat] = replaced
+    return inputs, labels
+
+
+def static_masks(tokens: Tensor, word_starts: Tensor, lengths: Tensor, uids: Tensor, *, seed: int, copies: int,
+                 config: MaskingConfig, vocab: Vocab) -> tuple[Tensor, Tensor]:
+    """BERT's static recipe as the same rule for epochs 0..K-1: (selected (B, K, L) bool, inputs (B, K, L))."""
+    if copies < 1:
+        raise ValueError(f"static copies={copies} must be >= 1 (BERT's dupe_factor is 10)")
+    outs = [mask_batch(tokens, word_starts, lengths, uids, seed=seed, epoch=e, config=config, vocab=vocab)
+            for e in range(copies)]
+    selected = torch.stack([labels != IGNORE_INDEX for _, labels in outs], dim=1)
+    inputs = torch.stack([inputs for inputs, _ in outs], dim=1)
+    return selected, inputs
+
+
+def static_copy(tokens: Tensor, selected: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """(input_ids, labels) of one stored static copy: selected and inputs are (B, L) for that copy."""
+    tokens = tokens.to(torch.int64)
+    labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    return inputs.to(torch.int64), labels
+
+
+def attention_mask(lengths: Tensor, seq_len: int) -> Tensor:
+    """(B, L) bool: True at real positions."""
+    return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
