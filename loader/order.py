@@ -1,0 +1,172 @@
+"""The loader's order: which sequences each rank and worker gets in each epoch, as pure functions.
+
+The unit of distribution is the record (a block of sequences, one seekable tar record; index.json gives each
+record's byte offset and sequence count). For an epoch:
+
+1. the global list of records is permuted by a keyed hash of (seed, epoch, record number);
+2. within each record, sequences are permuted by a keyed hash of (seed, epoch, uid);
+3. concatenated, this is the global epoch stream of N sequences, a pure function of (seed, epoch);
+4. every rank gets nb batches of B: nb = N // (world * B) with remainder "drop" (the N - nb*world*B sequences
+   at the stream's end are dropped, different ones every epoch since the order changes) or ceil with "wrap"
+   (the stream is extended from its start); rank r takes the contiguous slice [r*nb*B, (r+1)*nb*B);
+5. worker w of W yields the rank's batches b with (b - start) % W == w, so torch's DataLoader, which asks its
+   workers in turn, delivers batches start, start+1, ... whatever W is.
+
+NOTE: this replaces webdataset's shuffle buffer. A buffer's content depends on everything read before, so it
+cannot be resumed by seeking; a keyed permutation of records plus a keyed permutation inside each record can:
+the position of any sequence in any epoch is computable without reading anything.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+REMAINDERS = ("drop", "wrap")
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on a uint64 array (bijective; wraps modulo 2**64 by design)."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def epoch_key(seed: int, epoch: int, salt: int) -> np.uint64:
+    """One uint64 key per (seed, epoch, salt); salt separates the record order from the in-record order."""
+    k = mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    k = mix64(k ^ np.uint64(epoch & 0xFFFFFFFFFFFFFFFF))
+    return mix64(k ^ np.uint64(salt))[0]
+
+
+def record_permutation(num_records: int, *, seed: int, epoch: int) -> np.ndarray:
+    """(R,) int64: the epoch's record order, the argsort of keyed hashes of the record numbers."""
+    keys = mix64(np.arange(num_records, dtype=np.uint64) ^ epoch_key(seed, epoch, 1))
+    return np.argsort(keys, kind="stable")
+
+
+def in_record_permutation(uids: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
+    """(n,) int64: the epoch's order of a record's sequences, from keyed hashes of their uids."""
+    keys = mix64(np.asarray(uids, dtype=np.uint64) ^ epoch_key(seed, epoch, 2))
+    return np.argsort(keys, kind="stable")
+
+
+@dataclass(frozen=True)
+class RecordTable:
+    """Every record of a dataset, in index.json order: shard number, byte range and sequence count."""
+    shard: np.ndarray      # (R,) int64
+    offset: np.ndarray     # (R,) int64, byte offset of the record's first tar header
+    end: np.ndarray        # (R,) int64, byte offset after the record (next record, or the shard's end)
+    sequences: np.ndarray  # (R,) int64
+
+    @classmethod
+    def from_index(cls, index: dict) -> "RecordTable":
+        shard, offset, end, seqs = [], [], [], []
+        for s, entry in enumerate(index["shards"]):
+            records = entry["records"]
+            total = 0
+            for r, (off, n) in enumerate(records):
+                nxt = records[r + 1][0] if r + 1 < len(records) else entry["bytes"]
+                if not 0 <= off < nxt <= entry["bytes"] or n < 1:
+                    raise ValueError(f"index.json: shard {entry['name']} record {r} has offset {off}, "
+                                     f"end {nxt}, {n} sequences; offsets must increase inside the shard's "
+                                     f"{entry['bytes']} bytes and records hold >= 1 sequence; rewrite the dataset")
+                shard.append(s), offset.append(off), end.append(nxt), seqs.append(n)
+                total += n
+            if total != entry["sequences"]:
+                raise ValueError(f"index.json: shard {entry['name']} records hold {total} sequences but the "
+                                 f"shard says {entry['sequences']}; the index is inconsistent, rewrite it")
+        as64 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+        return cls(as64(shard), as64(offset), as64(end), as64(seqs))
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.sequences.sum())
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Positions [lo, hi) of one record in its epoch order (after the in-record permutation)."""
+    record: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Batch `index` of a rank in an epoch: the record segments that make it, in order."""
+    index: int
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The epoch stream of one (seed, epoch) and its split into equal per-rank batches."""
+    records: np.ndarray   # (R,) record numbers in epoch order
+    starts: list          # stream position of each record in epoch order, plus N at the end
+    batch_size: int
+    world_size: int
+    batches_per_rank: int
+
+    @property
+    def num_sequences(self) -> int:
+        return self.starts[-1]
+
+    @property
+    def dropped(self) -> int:
+        return max(0, self.num_sequences - self.batches_per_rank * self.world_size * self.batch_size)
+
+    @property
+    def wrapped(self) -> int:
+        return max(0, self.batches_per_rank * self.world_size * self.batch_size - self.num_sequences)
+
+    def batch(self, rank: int, b: int) -> BatchSpec:
+        """The segments of batch b of rank r: stream positions [(r*nb + b)*B, +B), modulo N when wrapping."""
+        n, B = self.num_sequences, self.batch_size
+        pos = (rank * self.batches_per_rank + b) * B
+        segments, need = [], B
+        while need:
+            p = pos % n
+            j = bisect.bisect_right(self.starts, p) - 1
+            lo = p - self.starts[j]
+            hi = min(self.starts[j + 1] - self.starts[j], lo + need)
+            segments.append(Segment(int(self.records[j]), lo, hi))
+            need -= hi - lo
+            pos += hi - lo
+        return BatchSpec(b, tuple(segments))
+
+
+def plan_epoch(table: RecordTable, *, seed: int, epoch: int, batch_size: int, world_size: int,
+               remainder: str) -> EpochPlan:
+    """Stages 1 and 2 of the order: permute the records, then size the equal per-rank share."""
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder={remainder!r}; choose one of {REMAINDERS}")
+    records = record_permutation(len(table.sequences), seed=seed, epoch=epoch)
+    starts = [0] + np.cumsum(table.sequences[records]).tolist()
+    n, per_step = starts[-1], world_size * batch_size
+    nb = n // per_step if remainder == "drop" else -(-n // per_step)
+    if nb == 0:
+        raise ValueError(f"the dataset holds {n} sequences, fewer than one batch per rank (world_size="
+                         f"{world_size} x batch_size={batch_size} = {per_step}); use a smaller batch size, "
+                         f"remainder='wrap', or more data")
+    return EpochPlan(records, starts, batch_size, world_size, nb)
+
+
+def split_by_rank(plan: EpochPlan, rank: int, start_batch: int = 0):
+    """Stage: the rank's batches from start_batch on, as BatchSpecs."""
+    if not 0 <= rank < plan.world_size:
+        raise ValueError(f"rank={rank} outside world_size={plan.world_size}")
+    for b in range(start_batch, plan.batches_per_rank):
+        yield plan.batch(rank, b)
+
+
+def split_by_worker(specs, worker: int, num_workers: int, start_batch: int = 0):
+    """Stage: the batches of worker w of W, those with (index - start_batch) % W == w, in order."""
+    for spec in specs:
+        if (spec.index - start_batch) % num_workers == worker:
+            yield spec

@@ -1,0 +1,209 @@
+"""Where shards come from: byte-range reads from a local folder, an http(s) URL prefix, or gs:// / s3:// (fsspec).
+
+Every source answers two questions: the bytes of index.json, and the bytes [offset, end) of a shard. A read
+returns exactly the bytes asked for or raises; the shard's size is checked against index.json, so a shard cut
+short (even exactly at a tar header boundary, which tarfile reads as a normal end) is an error, never a shorter
+epoch. Shard names come from index.json and pass loader.format.check_shard_name before any path is built.
+
+HTTP uses the standard library only (http.client): keep-alive connections per process, Range requests, a
+connect/read timeout, and a bounded number of retries for dropped connections, timeouts and 5xx answers, so a
+stalled server fails within about (retries + 1) * timeout seconds. 4xx answers fail at once.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+from loader.format import INDEX_FILE, check_shard_name
+
+
+class SourceError(IOError):
+    """A shard or index could not be read as index.json describes it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class IOConfig:
+    """Timeouts and retries of remote reads."""
+    timeout_s: float = 30.0   # connect and per-read timeout
+    retries: int = 3          # extra attempts after a dropped connection, a timeout or a 5xx answer
+    backoff_s: float = 0.5    # wait before retry k is backoff_s * 2**k
+
+    def __post_init__(self):
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+            raise ValueError(f"IOConfig(timeout_s={self.timeout_s}, retries={self.retries}, backoff_s="
+                             f"{self.backoff_s}): need timeout_s > 0, retries >= 0, backoff_s >= 0")
+
+
+class LocalSource:
+    """A dataset folder on a local (or mounted) file system."""
+
+    def __init__(self, root: str, io: IOConfig):
+        self.root = root
+        self._files: dict[str, object] = {}  # open shard files of this process, by name
+        self._pid = os.getpid()
+
+    def __getstate__(self):  # open files do not travel to DataLoader workers
+        return {"root": self.root, "_files": {}, "_pid": None}
+
+    def read_index(self) -> bytes:
+        path = os.path.join(self.root, INDEX_FILE)
+        if not os.path.exists(path):
+            raise SourceError(f"{path} not found: the dataset is incomplete (index.json is written last) or "
+                              f"the path is wrong; re-run `maskstream preprocess`")
+        with open(path, "rb") as f:
+            return f.read()
+
+    def read_range(self, name: str, offset: int, end: int, size: int) -> bytes:
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(name)
+        if f is None:
+            path = os.path.join(self.root, check_shard_name(name))
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:
+                raise SourceError(f"shard {path} is missing; index.json lists it. Copy the whole dataset "
+                                  f"folder or re-run `maskstream preprocess`") from None
+            actual = os.fstat(f.fileno()).st_size
+            if actual != size:
+                f.close()
+                raise SourceError(f"shard {path} has {actual} bytes, index.json says {size}: the shard is "
+                                  f"truncated or was rewritten; re-copy it or re-run `maskstream preprocess`")
+            self._files[name] = f
+        f.seek(offset)
+        data = f.read(end - offset)
+        return _exact(data, end - offset, f"{self.root}/{name}", offset)
+
+
+class HTTPSource:
+    """A dataset under an http(s) URL prefix, read with Range requests."""
+
+    def __init__(self, root: str, io: IOConfig):
+        self.root = root.rstrip("/")
+        self.io = io
+        self._url = urllib.parse.urlsplit(self.root)
+        self._conn = None
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_conn": None, "_pid": None}
+
+    def read_index(self) -> bytes:
+        return self._get(INDEX_FILE, None, expect_size=None)
+
+    def read_range(self, name: str, offset: int, end: int, size: int) -> bytes:
+        data = self._get(check_shard_name(name), (offset, end), expect_size=size)
+        return _exact(data, end - offset, f"{self.root}/{name}", offset)
+
+    def _connection(self):
+        if self._conn is None or self._pid != os.getpid():
+            cls = http.client.HTTPSConnection if self._url.scheme == "https" else http.client.HTTPConnection
+            self._conn, self._pid = cls(self._url.netloc, timeout=self.io.timeout_s), os.getpid()
+        return self._conn
+
+    def _get(self, name: str, byte_range, *, expect_size) -> bytes:
+        url = f"{self.root}/{name}"
+        path = f"{self._url.path.rstrip('/')}/{urllib.parse.quote(name)}"
+        headers = {} if byte_range is None else {"Range": f"bytes={byte_range[0]}-{byte_range[1] - 1}"}
+        last = None
+        for attempt in range(self.io.retries + 1):
+            if attempt:
+                time.sleep(self.io.backoff_s * 2 ** (attempt - 1))
+            try:
+                conn = self._connection()
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+            except (OSError, http.client.HTTPException) as e:  # timeouts, resets, dropped connections
+                self._close()
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if resp.status >= 500:
+                last = f"HTTP {resp.status} {resp.reason}"
+                continue
+            if resp.status == 404:
+                what = "index.json (the dataset is incomplete or the URL is wrong)" if name == INDEX_FILE \
+                    else "a shard that index.json lists"
+                raise SourceError(f"GET {url}: HTTP 404 Not Found: {what}")
+            if byte_range is None and resp.status == 200:
+                return body
+            if byte_range is not None and resp.status == 206:
+                total = resp.getheader("Content-Range", "").rpartition("/")[2]
+                if total.isdigit() and int(total) != expect_size:
+                    raise SourceError(f"GET {url}: the server's copy has {total} bytes, index.json says "
+                                      f"{expect_size}: the shard is truncated or was rewritten")
+                return body
+            if byte_range is not None and resp.status == 200:
+                raise SourceError(f"GET {url}: the server ignored the Range header (HTTP 200); serve the "
+                                  f"shards from a server that supports byte ranges (any object store does)")
+            raise SourceError(f"GET {url}: unexpected HTTP {resp.status} {resp.reason}")
+        raise SourceError(f"GET {url}: failed {self.io.retries + 1} times (timeout {self.io.timeout_s}s each); "
+                          f"last error: {last}")
+
+    def _close(self):
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+
+class FsspecSource:
+    """gs://, s3:// and other fsspec URLs, read with ranged reads (needs the protocol's fsspec extra)."""
+
+    def __init__(self, root: str, io: IOConfig):
+        self.root = root.rstrip("/")
+        try:
+            import fsspec
+        except ImportError:
+            raise SourceError(f"{root}: reading this URL needs fsspec; pip install 'maskstream[remote]' plus "
+                              f"gcsfs (gs://) or s3fs (s3://)") from None
+        try:
+            self._fs, _ = fsspec.core.url_to_fs(self.root)
+        except (ImportError, ValueError) as e:
+            raise SourceError(f"{root}: fsspec cannot open this protocol ({e}); install gcsfs for gs:// or "
+                              f"s3fs for s3://") from None
+        self._sizes: dict[str, int] = {}
+
+    def read_index(self) -> bytes:
+        try:
+            return self._fs.cat_file(f"{self.root}/{INDEX_FILE}")
+        except FileNotFoundError:
+            raise SourceError(f"{self.root}/{INDEX_FILE} not found: the dataset is incomplete or the URL is "
+                              f"wrong") from None
+
+    def read_range(self, name: str, offset: int, end: int, size: int) -> bytes:
+        url = f"{self.root}/{check_shard_name(name)}"
+        if name not in self._sizes:
+            try:
+                self._sizes[name] = self._fs.size(url)
+            except FileNotFoundError:
+                raise SourceError(f"shard {url} is missing; index.json lists it") from None
+            if self._sizes[name] != size:
+                raise SourceError(f"shard {url} has {self._sizes[name]} bytes, index.json says {size}: the "
+                                  f"shard is truncated or was rewritten")
+        return _exact(self._fs.cat_file(url, start=offset, end=end), end - offset, url, offset)
+
+
+def _exact(data: bytes, want: int, where: str, offset: int) -> bytes:
+    if len(data) != want:
+        raise SourceError(f"{where}: read {len(data)} bytes at offset {offset}, index.json says the record has "
+                          f"{want}: the shard is truncated")
+    return data
+
+
+def open_source(root: str, io: IOConfig | None = None):
+    """The source for a dataset root: a local folder, http(s)://..., or an fsspec URL (gs://, s3://, ...)."""
+    io = io or IOConfig()
+    root = str(root)
+    if root.startswith("pipe:") or "${" in root:
+        raise SourceError(f"dataset root {root!r}: pipe: and ${{}} roots are refused; give a folder or a URL")
+    scheme = urllib.parse.urlsplit(root).scheme
+    if scheme in ("http", "https"):
+        return HTTPSource(root, io)
+    if scheme == "file":
+        return LocalSource(urllib.parse.urlsplit(root).path, io)
+    if len(scheme) > 1:  # one letter is a Windows drive
+        return FsspecSource(root, io)
+    return LocalSource(root, io)

@@ -1,0 +1,180 @@
+"""The loader's stages: small generator functions (iterator in, iterator out), webdataset style.
+
+Run inside each DataLoader worker, in this order (EpochStream wires them; loader/stream.py drives them):
+
+    plan the epoch (records permuted)  -> split_by_rank -> split_by_worker -> read_records -> decode
+    -> unbatch (in-record permutation) -> batch -> [finish: mask, when mask_on="worker"]
+
+and `finish` runs last, on the training device, for mask_on="device". Tar members are read with webdataset's
+tar iterators from the exact byte range of one record and decoded only by loader.format.decode_block
+(whitelisted .npy members, allow_pickle=False); every record's sequence count is checked against index.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import torch
+import webdataset.tariterators as wds_tar
+
+from loader import format as fmt
+from loader import masking
+from loader.order import RecordTable, in_record_permutation, plan_epoch, split_by_rank, split_by_worker
+
+MAX_RECORD_BYTES = 256 << 20  # a record larger than this in index.json is refused before any read
+
+
+# ---- the stages ---------------------------------------------------------------------------------------------
+
+def read_records(specs, source, index: dict, table: RecordTable):
+    """Stage: (spec, {record: tar bytes}) for each batch; a record shared with the previous batch is not re-read."""
+    cache: dict[int, bytes] = {}
+    for spec in specs:
+        wanted = {seg.record for seg in spec.segments}
+        cache = {r: cache[r] if r in cache else _read_record(source, index, table, r) for r in wanted}
+        yield spec, cache
+
+
+def _read_record(source, index, table, r: int) -> bytes:
+    entry = index["shards"][table.shard[r]]
+    offset, end = int(table.offset[r]), int(table.end[r])
+    if end - offset > MAX_RECORD_BYTES:
+        raise fmt.FormatError(f"{entry['name']}: record at offset {offset} spans {end - offset} bytes in "
+                              f"index.json, over the {MAX_RECORD_BYTES}-byte limit; the index is not trusted")
+    return source.read_range(entry["name"], offset, end, entry["bytes"])
+
+
+def decode(items, index: dict, table: RecordTable, *, seed: int, epoch: int):
+    """Stage: (spec, {record: (Block, in-record order)}): tar members -> checked arrays, decoded once each."""
+    cache: dict[int, tuple] = {}
+    for spec, raw in items:
+        cache = {r: cache[r] if r in cache else _decode_record(raw[r], index, table, r, seed, epoch)
+                 for r in raw}
+        yield spec, cache
+
+
+def _decode_record(data: bytes, index: dict, table: RecordTable, r: int, seed: int, epoch: int):
+    entry = index["shards"][table.shard[r]]
+    where = f"{entry['name']} record at offset {int(table.offset[r])}"
+    files = [dict(f, __url__=where) for f in wds_tar.tar_file_iterator(io.BytesIO(data))]
+    samples = list(wds_tar.group_by_keys(files + [{}]))
+    if len(samples) != 1:
+        raise fmt.FormatError(f"{where}: expected one record (one tar key), found {len(samples)}; the shard or "
+                              f"its index is corrupt")
+    members = {k: v for k, v in samples[0].items() if not k.startswith("__")}
+    try:
+        block = fmt.decode_block(members, seq_len=index["seq_len"], vocab_size=index["tokenizer"]["vocab_size"],
+                                 static_copies=static_copies(index))
+    except fmt.FormatError as e:
+        raise fmt.FormatError(f"{where}: {e}") from None
+    if len(block.uids) != int(table.sequences[r]):
+        raise fmt.FormatError(f"{where}: holds {len(block.uids)} sequences, index.json says "
+                              f"{int(table.sequences[r])}; the shard is corrupt or truncated")
+    return block, in_record_permutation(block.uids, seed=seed, epoch=epoch)
+
+
+def unbatch(items):
+    """Stage: (batch index, Block, rows) pieces, the in-record permuted positions [lo, hi) of each segment."""
+    for spec, blocks in items:
+        for seg in spec.segments:
+            block, perm = blocks[seg.record]
+            yield spec.index, block, perm[seg.lo:seg.hi]
+
+
+def batch(pieces, *, batch_size: int, epoch: int, static_copies: int):
+    """Stage: pieces -> one dict of CPU tensors per batch (raw tokens, or stored static masks of copy epoch % K)."""
+    parts, current = [], None
+    for index, block, rows in pieces:
+        if current is not None and index != current:
+            yield _stack(parts, batch_size, epoch, static_copies)
+            parts = []
+        current = index
+        parts.append((block, rows))
+    if parts:
+        yield _stack(parts, batch_size, epoch, static_copies)
+
+
+def _stack(parts, batch_size: int, epoch: int, static_copies: int) -> dict:
+    cat = lambda f: np.concatenate([f(b)[rows] for b, rows in parts])  # noqa: E731
+    out = {"tokens": torch.from_numpy(cat(lambda b: b.tokens).astype(np.int64)),  # (B, L)
+           "lengths": torch.from_numpy(cat(lambda b: b.lengths).astype(np.int64)),  # (B,)
+           "uids": torch.from_numpy(cat(lambda b: b.uids).view(np.int64))}  # (B,) uint64 bits as int64
+    assert len(out["uids"]) == batch_size, (len(out["uids"]), batch_size)
+    if static_copies:
+        k = epoch % static_copies
+        selected = torch.from_numpy(cat(lambda b: b.static_selected[:, k]))  # (B, L) bool
+        inputs = torch.from_numpy(cat(lambda b: b.static_inputs[:, k]))  # (B, L) int64
+        out["input_ids"], out["labels"] = masking.static_copy(out["tokens"], selected, inputs)
+    else:
+        out["word_starts"] = torch.from_numpy(cat(lambda b: b.word_starts))  # (B, L) bool
+    return out
+
+
+def finish(raw: dict, *, seed: int, epoch: int, config, vocab, seq_len: int, device) -> dict:
+    """The last stage, on the device that trains: mask (dynamic mode) and build the model's batch."""
+    raw = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
+    if "input_ids" in raw:
+        input_ids, labels = raw["input_ids"], raw["labels"]
+    else:
+        input_ids, labels = masking.mask_batch(raw["tokens"], raw["word_starts"], raw["lengths"], raw["uids"],
+                                               seed=seed, epoch=epoch, config=config, vocab=vocab)
+    return {"input_ids": input_ids, "labels": labels, "uids": raw["uids"],
+            "attention_mask": masking.attention_mask(raw["lengths"], seq_len)}
+
+
+def static_copies(index: dict) -> int:
+    m = index.get("masking", {})
+    return int(m.get("static_copies", 0)) if m.get("mode") == "static" else 0
+
+
+# ---- the dataset that runs the stages in each worker --------------------------------------------------------
+
+class EpochStream(torch.utils.data.IterableDataset):
+    """The stages for one (epoch, rank, start batch); each DataLoader worker runs its share of the batches."""
+
+    def __init__(self, *, source, index: dict, table: RecordTable, config, rank: int, world_size: int,
+                 masking_config, vocab, epoch: int, start_batch: int):
+        self.source, self.index, self.table = source, index, table
+        self.cfg, self.rank, self.world_size = config, rank, world_size
+        self.masking, self.vocab, self.seq_len = masking_config, vocab, index["seq_len"]
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        cfg, epoch, copies = self.cfg, self.epoch, static_copies(self.index)
+        plan = plan_epoch(self.table, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
+                          world_size=self.world_size, remainder=cfg.remainder)
+        stages = [
+            lambda _: split_by_rank(plan, self.rank, self.start_batch),
+            lambda s: split_by_worker(s, worker, num_workers, self.start_batch),
+            lambda s: read_records(s, self.source, self.index, self.table),
+            lambda s: decode(s, self.index, self.table, seed=cfg.seed, epoch=epoch),
+            unbatch,
+            lambda s: batch(s, batch_size=cfg.batch_size, epoch=epoch, static_copies=copies),
+        ]
+        if cfg.mask_on == "worker":
+            stages.append(lambda s: (finish(b, seed=cfg.seed, epoch=epoch, config=self.masking,
+                                            vocab=self.vocab, seq_len=self.seq_len, device="cpu") for b in s))
+        stream = None
+        for stage in stages:
+            stream = stage(stream)
+        yield from stream
+
+
+def load_index(source) -> tuple[dict, str]:
+    """index.json, validated by loader.format, and its fingerprint (sha256 of its bytes)."""
+    data = source.read_index()
+    index = fmt.read_index(data, source=f"{getattr(source, 'root', '')}/{fmt.INDEX_FILE}")
+    for entry in index["shards"]:
+        fmt.check_shard_name(entry["name"])
+    return index, hashlib.sha256(data).hexdigest()
+
+
+def vocab_of(index: dict) -> masking.Vocab:
+    t = index["tokenizer"]
+    return masking.Vocab(size=t["vocab_size"], pad_id=t["pad_id"], mask_id=t["mask_id"],
+                         special_ids=tuple(t["special_ids"]))
+
+

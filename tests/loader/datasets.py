@@ -1,0 +1,139 @@
+"""Tiny real datasets for the loader tests: SOTU text, tokenized with BERT's WordPiece, written as real shards.
+
+Built with loader.format.ShardWriter + write_index directly (not through Beam), so loader tests stay fast and
+independent of the pipeline. `build_dataset(dir, [[64, 64, 30], [17]])` writes two shards with records of those
+sequence counts: uneven shards on demand.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loader import format as fmt
+from loader import masking
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+TOKENIZER = DATA / "tokenizers" / "bert-base-uncased.json"
+SEQ_LEN = 128
+VOCAB = masking.Vocab(size=30522, pad_id=0, mask_id=103, special_ids=(0, 100, 101, 102, 103))
+CLS, SEP = 101, 102
+
+
+@functools.lru_cache(maxsize=None)
+def sotu_sequences(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The first n packed sequences of the SOTU corpus: tokens (n, L) int64, lengths, word starts, uids.
+
+    [CLS] + up to L-2 tokens + [SEP]; every 7th sequence is shortened so padding occurs.
+    """
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(TOKENIZER))
+    ids, starts = [], []
+    with gzip.open(DATA / "sotu.jsonl.gz", "rt") as f:
+        for line in f:
+            enc = tok.encode(json.loads(line)["text"], add_special_tokens=False)
+            words = enc.word_ids
+            ids += enc.ids
+            starts += [w is not None and (i == 0 or words[i - 1] != w) for i, w in enumerate(words)]
+            if len(ids) >= n * (SEQ_LEN - 2):
+                break
+    body = SEQ_LEN - 2
+    tokens = np.zeros((n, SEQ_LEN), np.int64)
+    word_starts = np.zeros((n, SEQ_LEN), bool)
+    lengths = np.full(n, SEQ_LEN, np.int32)
+    for i in range(n):
+        k = body if i % 7 else body - 1 - (i * 37) % 90
+        tokens[i, 0], tokens[i, 1:k + 1], tokens[i, k + 1] = CLS, ids[i * body:i * body + k], SEP
+        word_starts[i, 1:k + 1] = starts[i * body:i * body + k]
+        lengths[i] = k + 2
+    uids = np.array([int.from_bytes(hashlib.sha256(f"sotu:{i}".encode()).digest()[:8], "little")
+                     for i in range(n)], dtype=np.uint64)
+    return tokens, lengths, word_starts, uids
+
+
+def build_dataset(directory, shards: list[list[int]], *, static_copies: int = 0, seed: int = 7,
+                  config: masking.MaskingConfig | None = None) -> Path:
+    """Write shards with these record sizes (sequences per record) and index.json; returns the folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = config or masking.MaskingConfig()
+    total = sum(sum(s) for s in shards)
+    tokens, lengths, word_starts, uids = sotu_sequences(total)
+    entries, pos = [], 0
+    for i, records in enumerate(shards):
+        writer = fmt.ShardWriter.create(str(directory), i, vocab_size=VOCAB.size)
+        for n in records:
+            sl = slice(pos, pos + n)
+            block = fmt.Block(tokens=tokens[sl].astype(np.uint16), lengths=lengths[sl],
+                              word_starts=word_starts[sl], uids=uids[sl])
+            if static_copies:
+                sel, inp = masking.static_masks(torch.from_numpy(tokens[sl]), torch.from_numpy(word_starts[sl]),
+                                                torch.from_numpy(lengths[sl]),
+                                                torch.from_numpy(uids[sl].view(np.int64)), seed=seed,
+                                                copies=static_copies, config=config, vocab=VOCAB)
+                block.static_selected, block.static_inputs = sel.numpy(), inp.numpy()
+            writer.add(block)
+            pos += n
+        entries.append(writer.close())
+    write_index(directory, entries, static_copies=static_copies, seed=seed, config=config)
+    return directory
+
+
+def write_index(directory, entries: list[dict], *, static_copies=0, seed=7, config=None) -> dict:
+    config = config or masking.MaskingConfig()
+    n = sum(e["sequences"] for e in entries)
+    index = {
+        "format_version": fmt.FORMAT_VERSION, "shards": entries, "seq_len": SEQ_LEN, "packing": "full",
+        "counts": {"documents_read": 1, "documents_written": 1, "documents_rejected": 0, "rejects_by_reason": {},
+                   "sequences": n, "tokens": sum(e["tokens"] for e in entries), "tail_sequences": 0},
+        "tokenizer": {"sha256": "test", "vocab_size": VOCAB.size, "pad_id": 0, "mask_id": 103, "cls_id": CLS,
+                      "sep_id": SEP, "special_ids": list(VOCAB.special_ids), "kind": "wordpiece"},
+        "masking": {"mode": "static" if static_copies else "dynamic", "static_copies": static_copies,
+                    "seed": seed, "config": config.to_dict()},
+        "config": {"test": True}, "inputs": ["sotu.jsonl.gz"],
+    }
+    fmt.write_index(str(directory), index)
+    return index
+
+
+def read_tar(path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as t:
+        return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+
+
+def rewrite_shard(directory, i: int, members: list[tuple[str, bytes]]) -> None:
+    """Rewrite shard i from (name, bytes) members, updating its index entry (offsets, bytes, sha256)."""
+    directory = Path(directory)
+    index = json.loads((directory / fmt.INDEX_FILE).read_text())
+    entry = index["shards"][i]
+    buf = io.BytesIO()
+    offsets = {}
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for name, data in members:
+            offsets.setdefault(name.split(".")[0], t.offset)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    (directory / entry["name"]).write_bytes(data)
+    entry["records"] = [[offsets[f"{r:06d}"], n] for r, (_, n) in enumerate(entry["records"])]
+    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    fmt.write_index(str(directory), index)
+
+
+def collect(loader, *, limit=None) -> list[dict]:
+    """The loader's batches as CPU tensors (a whole epoch, or the first `limit`)."""
+    out = []
+    for batch in loader:
+        out.append({k: v.cpu() for k, v in batch.items()})
+        if limit is not None and len(out) == limit:
+            break
+    return out
