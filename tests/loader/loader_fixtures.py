@@ -21,7 +21,7 @@ import torch
 from loader import format as fmt
 from loader import masking
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DATA = Path(os.environ.get("MASKSTREAM_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 TOKENIZER = DATA / "tokenizers" / "bert-base-uncased.json"
 SEQ_LEN = 128
 VOCAB = masking.Vocab(size=30522, pad_id=0, mask_id=103, special_ids=(0, 100, 101, 102, 103))
@@ -137,3 +137,10 @@ def collect(loader, *, limit=None) -> list[dict]:
         if limit is not None and len(out) == limit:
             break
     return out
+
+
+def dataset_uids(root) -> list[int]:
+    """Every uid stored in the dataset's shards, read straight from the tar files (int64 bit patterns)."""
+    index = json.loads((Path(root) / fmt.INDEX_FILE).read_text())
+    return [int(u) for e in index["shards"] for name, data in read_tar(Path(root) / e["name"])
+            if name.endswith(".uids.npy") for u in np.load(io.BytesIO(data)).view(np.int64)]
