@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tarfile
 
 import numpy as np
 import torch
@@ -57,8 +58,11 @@ def decode(items, index: dict, table: RecordTable, *, seed: int, epoch: int):
 def _decode_record(data: bytes, index: dict, table: RecordTable, r: int, seed: int, epoch: int):
     entry = index["shards"][table.shard[r]]
     where = f"{entry['name']} record at offset {int(table.offset[r])}"
-    files = [dict(f, __url__=where) for f in wds_tar.tar_file_iterator(io.BytesIO(data))]
-    samples = list(wds_tar.group_by_keys(files + [{}]))
+    try:
+        files = [dict(f, __url__=where) for f in wds_tar.tar_file_iterator(io.BytesIO(data))]
+        samples = list(wds_tar.group_by_keys(files + [{}]))
+    except (tarfile.TarError, ValueError) as e:  # bad header checksums, duplicate members
+        raise fmt.FormatError(f"{where}: unreadable tar data ({e}); the shard is corrupt") from None
     if len(samples) != 1:
         raise fmt.FormatError(f"{where}: expected one record (one tar key), found {len(samples)}; the shard or "
                               f"its index is corrupt")
