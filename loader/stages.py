@@ -33,11 +33,11 @@ def read_records(specs, source, index: dict, table: RecordTable):
     cache: dict[int, bytes] = {}
     for spec in specs:
         wanted = {seg.record for seg in spec.segments}
-        cache = {r: cache[r] if r in cache else _read_record(source, index, table, r) for r in wanted}
+        cache = {r: cache[r] if r in cache else read_record(source, index, table, r) for r in wanted}
         yield spec, cache
 
 
-def _read_record(source, index, table, r: int) -> bytes:
+def read_record(source, index, table, r: int) -> bytes:
     entry = index["shards"][table.shard[r]]
     offset, end = int(table.offset[r]), int(table.end[r])
     if end - offset > MAX_RECORD_BYTES:
@@ -50,12 +50,12 @@ def decode(items, index: dict, table: RecordTable, *, seed: int, epoch: int):
     """Stage: (spec, {record: (Block, in-record order)}): tar members -> checked arrays, decoded once each."""
     cache: dict[int, tuple] = {}
     for spec, raw in items:
-        cache = {r: cache[r] if r in cache else _decode_record(raw[r], index, table, r, seed, epoch)
+        cache = {r: cache[r] if r in cache else decode_record(raw[r], index, table, r, seed, epoch)
                  for r in raw}
         yield spec, cache
 
 
-def _decode_record(data: bytes, index: dict, table: RecordTable, r: int, seed: int, epoch: int):
+def decode_record(data: bytes, index: dict, table: RecordTable, r: int, seed: int, epoch: int):
     entry = index["shards"][table.shard[r]]
     where = f"{entry['name']} record at offset {int(table.offset[r])}"
     try:

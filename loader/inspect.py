@@ -1,0 +1,181 @@
+"""`maskstream inspect`: summarize a shard folder, verify it, show masked sequences, or dump the masks it yields.
+
+    maskstream inspect DIR                                 # the manifest summary
+    maskstream inspect DIR --verify                        # sha256, sizes and counts of every shard; exit 1 if bad
+    maskstream inspect DIR --show 3 --epoch 1              # 3 sequences as the model sees them, masks marked
+    maskstream inspect DIR --dump-masks m.jsonl --epoch 0 [--num-workers W] [--batch-size B]
+                           [--rank R --world-size N] [--limit N]   # one JSON line per sequence
+
+--show and --dump-masks run the real loader path (MLMLoader), so what they print is what training gets.
+DIR may be a local folder or a URL prefix (http(s)://, gs://, s3://).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+from loader import format as fmt
+from loader.masking import IGNORE_INDEX
+from loader.order import RecordTable
+from loader.sources import LocalSource, SourceError
+from loader.stages import decode_record, read_record
+from loader.stream import LoaderConfig, MLMLoader
+
+_U64 = (1 << 64) - 1
+
+
+def summary(loader: MLMLoader) -> str:
+    """The manifest in a few lines."""
+    ix, c = loader.index, loader.index["counts"]
+    total = sum(s["bytes"] for s in ix["shards"])
+    tokens = max(1, c.get("tokens", 0))
+    records = len(loader.table.sequences)
+    tok, m = ix["tokenizer"], ix["masking"]
+    rejects = ", ".join(f"{k} {v:,}" for k, v in sorted(c.get("rejects_by_reason", {}).items())) or "none"
+    return "\n".join([
+        f"dataset    {loader.root} (format v{ix['format_version']}, fingerprint {loader.fingerprint[:12]})",
+        f"documents  read {c.get('documents_read', 0):,} = written {c.get('documents_written', 0):,} + "
+        f"rejected {c.get('documents_rejected', 0):,} ({rejects})",
+        f"sequences  {c['sequences']:,} of {ix['seq_len']} tokens, packing {ix['packing']}, "
+        f"{c.get('tail_sequences', 0):,} padded tails",
+        f"tokens     {c.get('tokens', 0):,} real tokens; {total / tokens:.2f} bytes/token",
+        f"shards     {len(ix['shards'])}, {total / 1e6:.2f} MB, {records} records "
+        f"(mean {c['sequences'] / max(1, records):.1f} sequences/record)",
+        f"tokenizer  {tok.get('kind', '?')}, vocab {tok['vocab_size']:,}, mask id {tok['mask_id']}, "
+        f"special ids {tok['special_ids']}, sha256 {str(tok.get('sha256', ''))[:12]}",
+        f"masking    {m['mode']}" + (f" ({m['static_copies']} stored copies, seed {m['seed']})"
+                                     if m["mode"] == "static" else "") + f", {m['config']}",
+        f"inputs     {len(ix.get('inputs', []))} file(s)",
+    ])
+
+
+def verify(loader: MLMLoader, out=None) -> list[str]:
+    """Check every shard: size and sha256 of the whole file, then every record decoded and counted.
+
+    Returns the names of bad shards (empty when all are good)."""
+    bad, out = [], out or sys.stdout
+    table, index = loader.table, loader.index
+    for s, entry in enumerate(index["shards"]):
+        name = entry["name"]
+        try:
+            sha = _shard_sha256(loader.source, entry)
+            if sha != entry["sha256"]:
+                raise fmt.FormatError(f"sha256 {sha[:12]}... but index.json says {entry['sha256'][:12]}...")
+            count = 0
+            for r in (int(r) for r in (table.shard == s).nonzero()[0]):
+                block, _ = decode_record(read_record(loader.source, index, table, r), index, table, r, 0, 0)
+                count += len(block)
+            if count != entry["sequences"]:
+                raise fmt.FormatError(f"{count} sequences, index.json says {entry['sequences']}")
+            print(f"OK   {name}: {entry['bytes']:,} bytes, {count:,} sequences, sha256 ok", file=out)
+        except (fmt.FormatError, SourceError) as e:
+            print(f"BAD  {name}: {e}", file=out)
+            bad.append(name)
+    return bad
+
+
+def _shard_sha256(source, entry: dict) -> str:
+    if isinstance(source, LocalSource):
+        path = os.path.join(source.root, fmt.check_shard_name(entry["name"]))
+        if not os.path.exists(path):
+            raise SourceError(f"{path} is missing")
+        if os.path.getsize(path) != entry["bytes"]:
+            raise SourceError(f"{os.path.getsize(path):,} bytes, index.json says {entry['bytes']:,}: truncated "
+                              f"or rewritten")
+        return fmt.shard_sha256(path)
+    return hashlib.sha256(source.read_range(entry["name"], 0, entry["bytes"], entry["bytes"])).hexdigest()
+
+
+def sequences(loader: MLMLoader, limit: int | None):
+    """(uid, input_ids, labels, length) of each sequence the loader yields, in its order, up to `limit`."""
+    n = 0
+    for batch in loader:
+        for uid, ids, labels, attn in zip(batch["uids"].tolist(), batch["input_ids"].tolist(),
+                                          batch["labels"].tolist(), batch["attention_mask"].sum(1).tolist()):
+            yield uid & _U64, ids, labels, attn
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+
+def render(ids, labels, length, id_to_token, kind: str, mask_id: int) -> str:
+    """One sequence for a person: [MASK/word] masked, {word->other} randomized, <word> kept but predicted."""
+    out = []
+    for i, (x, y) in enumerate(zip(ids[:length], labels[:length])):
+        piece = id_to_token(y if y != IGNORE_INDEX else x)
+        glue = piece.startswith("##") or (kind == "bpe" and not piece.startswith("Ġ"))
+        word = piece[2:] if piece.startswith("##") else piece.lstrip("Ġ") if kind == "bpe" else piece
+        if y != IGNORE_INDEX:
+            word = f"[MASK/{word}]" if x == mask_id else f"<{word}>" if x == y else \
+                f"{{{word}->{id_to_token(x).lstrip('Ġ')}}}"
+        out.append(word if glue and i else " " + word)
+    return "".join(out).strip()
+
+
+def _id_to_token(index: dict, path: str | None):
+    path = path or index.get("config", {}).get("tokenize", {}).get("tokenizer")
+    if path and os.path.exists(path):
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(path)
+        return lambda i: tok.id_to_token(i) or f"<{i}>"
+    print("(no tokenizer file found: showing ids; pass --tokenizer FILE for words)", file=sys.stderr)
+    return lambda i: f"#{i}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="maskstream inspect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", help="shard folder or URL prefix holding index.json")
+    p.add_argument("--verify", action="store_true", help="check sha256, size and counts of every shard")
+    p.add_argument("--show", type=int, metavar="N", help="print N sequences with their masks marked")
+    p.add_argument("--dump-masks", metavar="FILE", help="write uid, input_ids, labels per sequence as JSON lines")
+    p.add_argument("--epoch", type=int, default=0, help="epoch whose order and masks to use (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="loader seed (order and dynamic masks; default 0)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (the output does not change)")
+    p.add_argument("--batch-size", type=int, default=1, help="loader batch size (default 1: nothing dropped)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--limit", type=int, default=None, help="stop after N sequences")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json for --show (default: the one in the config)")
+    args = p.parse_args(argv)
+
+    cfg = LoaderConfig(batch_size=args.batch_size, seed=args.seed, num_workers=args.num_workers,
+                       pin_memory=False)
+    try:
+        loader = MLMLoader(args.dataset, cfg, rank=args.rank, world_size=args.world_size)
+    except (fmt.FormatError, SourceError, ValueError) as e:
+        print(f"maskstream inspect: {e}", file=sys.stderr)
+        return 2
+    loader.set_epoch(args.epoch)
+    if not (args.verify or args.show or args.dump_masks):
+        print(summary(loader))
+        return 0
+    if args.verify:
+        bad = verify(loader)
+        if bad:
+            print(f"{len(bad)} bad shard(s): {', '.join(bad)}", file=sys.stderr)
+            return 1
+        print(f"all {len(loader.index['shards'])} shards verified")
+    if args.show:
+        id_to_token = _id_to_token(loader.index, args.tokenizer)
+        kind, mask_id = loader.index["tokenizer"].get("kind", "wordpiece"), loader.vocab.mask_id
+        print(f"epoch {args.epoch}, seed {args.seed}: [MASK/w] masked, {{w->x}} random token, <w> kept, predicted")
+        for uid, ids, labels, length in sequences(loader, args.show):
+            print(f"\nuid {uid:016x} ({length} tokens, {sum(y != IGNORE_INDEX for y in labels)} to predict)")
+            print(render(ids, labels, length, id_to_token, kind, mask_id))
+        loader.set_epoch(args.epoch)
+    if args.dump_masks:
+        n = 0
+        with open(args.dump_masks, "w") as f:
+            for uid, ids, labels, _ in sequences(loader, args.limit):
+                f.write(json.dumps({"uid": uid, "input_ids": ids, "labels": labels}, separators=(",", ":")) + "\n")
+                n += 1
+        print(f"wrote {n} sequences of epoch {args.epoch} (rank {args.rank}/{args.world_size}) to {args.dump_masks}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

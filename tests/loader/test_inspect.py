@@ -1,0 +1,55 @@
+"""`maskstream inspect`: summary, --verify (good and corrupted), --show, and --dump-masks across worker counts."""
+import json
+
+from loader.inspect import main
+from loader_fixtures import TOKENIZER
+
+
+def test_summary_shows_the_manifest(uneven, capsys):
+    assert main([str(uneven)]) == 0
+    out = capsys.readouterr().out
+    assert "sequences  487 of 128 tokens" in out and "shards     3," in out and "10 records" in out
+    assert "masking    dynamic" in out and "vocab 30,522" in out
+
+
+def test_verify_passes_a_good_dataset_and_names_a_corrupted_shard(uneven, capsys):
+    assert main([str(uneven), "--verify"]) == 0
+    assert "all 3 shards verified" in capsys.readouterr().out
+    path = uneven / "shard-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0xFF  # one flipped bit inside a member: same size, different hash
+    path.write_bytes(bytes(data))
+    assert main([str(uneven), "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert "BAD  shard-000001.tar: sha256" in captured.out and "OK   shard-000002.tar" in captured.out
+    assert "bad shard(s): shard-000001.tar" in captured.err
+
+
+def test_verify_names_a_truncated_and_a_missing_shard(uneven, capsys):
+    (uneven / "shard-000000.tar").write_bytes((uneven / "shard-000000.tar").read_bytes()[:10240])
+    (uneven / "shard-000002.tar").unlink()
+    assert main([str(uneven), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "BAD  shard-000000.tar: 10,240 bytes, index.json says" in out
+    assert "BAD  shard-000002.tar:" in out and "missing" in out
+
+
+def test_show_prints_sequences_with_their_masks_marked(uneven, capsys):
+    assert main([str(uneven), "--show", "2", "--epoch", "1", "--tokenizer", str(TOKENIZER)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\nuid ") == 2 and "[MASK/" in out and "[CLS]" in out and "[SEP]" in out
+    assert "##" not in out.replace("->##", ""), "word pieces are glued back into words"
+
+
+def test_dump_masks_is_identical_for_any_worker_count_and_batch_size(uneven, tmp_path):
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    assert main([str(uneven), "--dump-masks", str(a), "--epoch", "2", "--num-workers", "0"]) == 0
+    assert main([str(uneven), "--dump-masks", str(b), "--epoch", "2", "--num-workers", "2"]) == 0
+    assert a.read_text() == b.read_text()
+    lines = [json.loads(x) for x in a.read_text().splitlines()]
+    assert len(lines) == 487 and set(lines[0]) == {"uid", "input_ids", "labels"} and lines[0]["uid"] >= 0
+    assert main([str(uneven), "--dump-masks", str(c), "--epoch", "2", "--batch-size", "16", "--num-workers", "2",
+                 "--rank", "1", "--world-size", "2", "--limit", "50"]) == 0
+    by_uid = {x["uid"]: x for x in lines}
+    others = [json.loads(x) for x in c.read_text().splitlines()]
+    assert len(others) == 50 and all(by_uid[x["uid"]] == x for x in others)
