@@ -101,7 +101,7 @@ def batch(pieces, *, batch_size: int, epoch: int, static_copies: int):
 
 def _stack(parts, batch_size: int, epoch: int, static_copies: int) -> dict:
     cat = lambda f: np.concatenate([f(b)[rows] for b, rows in parts])  # noqa: E731
-    out = {"tokens": torch.from_numpy(cat(lambda b: b.tokens).astype(np.int64)),  # (B, L)
+    out = {"tokens": torch.from_numpy(cat(lambda b: b.tokens).astype(np.int32)),  # (B, L), int64 after masking
            "lengths": torch.from_numpy(cat(lambda b: b.lengths).astype(np.int64)),  # (B,)
            "uids": torch.from_numpy(cat(lambda b: b.uids).view(np.int64))}  # (B,) uint64 bits as int64
     assert len(out["uids"]) == batch_size, (len(out["uids"]), batch_size)

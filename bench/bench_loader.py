@@ -1,0 +1,160 @@
+"""Loader and masking benchmarks: our loader (dynamic masking, CPU) vs Hugging Face's MLM collator, and the
+keyed masking rule alone vs a plain torch.rand masking, on the same real sequences, in the same run.
+
+Sequences: the bundled SOTU corpus tokenized with bert-base-uncased and packed to 128 tokens, written as real
+shards with loader.format.ShardWriter (512 sequences per record). Tokens/s counts B x L positions for every
+contender, with one intra-op torch thread (see run()). transformers is needed (`make bench-env`); without it the collator rows are skipped.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import Row, timed
+from loader import format as fmt
+from loader import masking
+from loader.stream import LoaderConfig, MLMLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "sotu.jsonl.gz"
+TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "bert-base-uncased.json"
+SEQ_LEN, BATCH, RECORD = 128, 256, 512
+VOCAB = masking.Vocab(size=30522, pad_id=0, mask_id=103, special_ids=(0, 100, 101, 102, 103))
+
+
+def pack_corpus(max_docs: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (N, L) int64, word_starts (N, L) bool): [CLS] + 126 tokens + [SEP], documents concatenated."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(TOKENIZER))
+    with gzip.open(CORPUS, "rt") as f:
+        texts = [json.loads(line)["text"] for line in f][:max_docs]
+    ids, starts = [], []
+    for enc in tok.encode_batch_fast(texts, add_special_tokens=False):
+        ids += enc.ids
+        starts += [w is not None and (i == 0 or enc.word_ids[i - 1] != w) for i, w in enumerate(enc.word_ids)]
+    body = SEQ_LEN - 2
+    n = len(ids) // body
+    tokens = np.full((n, SEQ_LEN), 102, np.int64)
+    tokens[:, 0] = 101
+    tokens[:, 1:-1] = np.asarray(ids[:n * body]).reshape(n, body)
+    word_starts = np.zeros((n, SEQ_LEN), bool)
+    word_starts[:, 1:-1] = np.asarray(starts[:n * body]).reshape(n, body)
+    return tokens, word_starts
+
+
+def write_shards(directory: Path, tokens: np.ndarray, word_starts: np.ndarray, num_shards: int = 4) -> None:
+    n = len(tokens)
+    uids = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # distinct, stable
+    entries, per_shard = [], -(-n // num_shards)
+    for s in range(num_shards):
+        writer = fmt.ShardWriter.create(str(directory), s, vocab_size=VOCAB.size)
+        for a in range(s * per_shard, min(n, (s + 1) * per_shard), RECORD):
+            sl = slice(a, min(a + RECORD, (s + 1) * per_shard, n))
+            writer.add(fmt.Block(tokens=tokens[sl].astype(np.uint16), lengths=np.full(sl.stop - a, SEQ_LEN,
+                                 np.int32), word_starts=word_starts[sl], uids=uids[sl]))
+        entries.append(writer.close())
+    index = {"format_version": fmt.FORMAT_VERSION, "shards": entries, "seq_len": SEQ_LEN, "packing": "full",
+             "counts": {"documents_read": 0, "documents_written": 0, "documents_rejected": 0,
+                        "sequences": n, "tokens": int(n * SEQ_LEN)},
+             "tokenizer": {"sha256": "", "vocab_size": VOCAB.size, "pad_id": 0, "mask_id": 103, "cls_id": 101,
+                           "sep_id": 102, "special_ids": list(VOCAB.special_ids), "kind": "wordpiece"},
+             "masking": {"mode": "dynamic", "static_copies": 0, "seed": 0,
+                         "config": masking.MaskingConfig().to_dict()},
+             "config": {"bench": True}, "inputs": [str(CORPUS)]}
+    fmt.write_index(str(directory), index)
+
+
+def loader_tokens_per_s(root: Path, workers: int) -> tuple[float, float]:
+    """(steady tokens/s after the first batch, seconds to the first batch) over one epoch of MLMLoader with
+    masking on the CPU 'device'. The first batch includes starting the worker processes."""
+    loader = MLMLoader(str(root), LoaderConfig(batch_size=BATCH, num_workers=workers, pin_memory=False))
+    start = time.perf_counter()
+    batches = iter(loader)
+    next(batches)
+    t0, n = time.perf_counter(), 0
+    for batch in batches:
+        n += batch["input_ids"].numel()
+    return n / (time.perf_counter() - t0), t0 - start
+
+
+def plain_rand_masking(tokens: torch.Tensor, special: torch.Tensor, p: float = 0.15):
+    """The anchor: one torch.rand draw, partitioned into select / [MASK] (80 %) / random (10 %) / keep."""
+    r = torch.rand(tokens.shape)
+    selected = (r < p) & ~torch.isin(tokens, special)
+    inputs = torch.where(selected & (r < 0.8 * p), torch.full_like(tokens, VOCAB.mask_id), tokens)
+    randomize = selected & (r >= 0.8 * p) & (r < 0.9 * p)
+    inputs = torch.where(randomize, torch.randint(VOCAB.size, tokens.shape), inputs)
+    return inputs, torch.where(selected, tokens, torch.full_like(tokens, -100))
+
+
+def collator_rows(tokens: np.ndarray, best_loader: float) -> list[Row]:
+    try:
+        from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+    except ImportError:
+        print("transformers not installed (make bench-env): skipping the collator anchor")
+        return []
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER), mask_token="[MASK]", pad_token="[PAD]",
+                                     cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]")
+    collator = DataCollatorForLanguageModeling(hf_tok, mlm_probability=0.15, return_tensors="pt")
+    as_lists = [{"input_ids": row.tolist()} for row in tokens[:BATCH]]
+    as_tensors = [torch.from_numpy(row) for row in tokens[:BATCH]]
+    per_batch = BATCH * SEQ_LEN
+    lists = per_batch / timed(lambda: collator(as_lists), repeat=5)
+    tensors = per_batch / timed(lambda: collator(as_tensors), repeat=5)
+    print(f"HF DataCollatorForLanguageModeling: fed lists {lists / 1e6:.2f}M tok/s, fed tensors "
+          f"{tensors / 1e6:.2f}M tok/s")
+    return [Row(area="loader", name="best loader vs HF collator fed lists", value=best_loader,
+                unit="tokens/s", anchor="HF collator (lists)", anchor_value=lists, target=">= 10x"),
+            Row(area="loader", name="best loader vs HF collator fed tensors", value=best_loader,
+                unit="tokens/s", anchor="HF collator (tensors)", anchor_value=tensors, target="")]
+
+
+def run(args) -> list[Row]:
+    # NOTE: every contender runs with one intra-op thread. On a small shared machine, torch's OpenMP threads
+    # spin-wait for busy cores: mask_batch measured 84 ms per batch with 2 threads vs 4 ms with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> list[Row]:
+    quick = getattr(args, "quick", False)
+    workdir = Path(args.workdir) if getattr(args, "workdir", None) else Path(tempfile.mkdtemp(prefix="ms-bench-"))
+    root = workdir / "loader-shards"
+    root.mkdir(parents=True, exist_ok=True)
+    tokens, word_starts = pack_corpus(40 if quick else None)
+    write_shards(root, tokens, word_starts)
+    print(f"{len(tokens):,} sequences of {SEQ_LEN} ({tokens.size / 1e6:.2f}M positions) in {root}")
+
+    rows, speeds = [], {}
+    for workers in (0, 1, 2):
+        speeds[workers], first = loader_tokens_per_s(root, workers)
+        print(f"MLMLoader, dynamic masking on CPU, batch {BATCH}, workers={workers}: "
+              f"{speeds[workers] / 1e6:.2f}M tokens/s after the first batch ({first:.2f} s to it)")
+        rows.append(Row(area="loader", name=f"MLMLoader tokens/s, CPU masking, workers={workers}",
+                        value=speeds[workers], unit="tokens/s"))
+    rows += collator_rows(tokens, max(speeds.values()))
+
+    t = torch.from_numpy(tokens[:BATCH])
+    ws = torch.from_numpy(word_starts[:BATCH])
+    lengths = torch.full((BATCH,), SEQ_LEN)
+    uids = torch.arange(BATCH, dtype=torch.int64)
+    special = torch.tensor(VOCAB.special_ids)
+    config = masking.MaskingConfig()
+    keyed = t.numel() / timed(lambda: masking.mask_batch(t, ws, lengths, uids, seed=0, epoch=1, config=config,
+                                                         vocab=VOCAB), repeat=10)
+    plain = t.numel() / timed(lambda: plain_rand_masking(t, special), repeat=10)
+    print(f"masking a {BATCH}x{SEQ_LEN} batch on CPU: keyed mask_batch {keyed / 1e6:.2f}M tok/s, "
+          f"plain torch.rand {plain / 1e6:.2f}M tok/s")
+    rows.append(Row(area="masking", name="mask_batch (keyed, exact count) tokens/s", value=keyed,
+                    unit="tokens/s", anchor="plain torch.rand masking", anchor_value=plain, target=">= 0.5x"))
+    return rows
