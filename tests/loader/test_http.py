@@ -103,3 +103,20 @@ def test_a_server_copy_of_another_size_is_refused(uneven, server):
     path.write_bytes(path.read_bytes()[:-1024])  # the end-of-archive blocks: records themselves still read fine
     with pytest.raises(SourceError, match="server's copy has .* bytes, index.json says"):
         collect(MLMLoader(server.url, LoaderConfig(batch_size=16)))
+
+
+def test_fsspec_urls_read_by_byte_range_give_the_same_batches(uneven):
+    """gs:// and s3:// go through fsspec; its in-memory file system stands in for them here."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for path in uneven.iterdir():
+        fs.pipe_file(f"/fsspec-test/{path.name}", path.read_bytes())
+    try:
+        cfg = LoaderConfig(batch_size=16, seed=5)
+        remote, local = collect(MLMLoader("memory://fsspec-test", cfg)), collect(MLMLoader(uneven, cfg))
+        assert len(remote) == 30 and all(torch.equal(a[k], b[k]) for a, b in zip(remote, local) for k in a)
+        fs.pipe_file("/fsspec-test/shard-000001.tar", (uneven / "shard-000001.tar").read_bytes()[:-512])
+        with pytest.raises(SourceError, match="shard-000001.tar has .* bytes, index.json says"):
+            collect(MLMLoader("memory://fsspec-test", cfg))
+    finally:
+        fs.rm("/fsspec-test", recursive=True)
