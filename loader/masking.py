@@ -15,6 +15,7 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 _M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9  # offsets keep 0 (a fixed point of the hash) out of every input
 _MIX = 0x45D9F3B  # < 2**31: a product with a 32-bit value stays below 2**63, so int64 never overflows
 
 SELECTIONS = ("token", "word", "span")
@@ -104,21 +105,38 @@ def _mix_int(x: int) -> int:
 
 def sequence_keys(uids: Tensor, *, seed: int, epoch: int) -> Tensor:
     """(B,) int64 in [0, 2**32): the key of each sequence for this (seed, epoch)."""
-    k = _mix_int(_mix_int(_mix_int(seed & _M32) ^ ((seed >> 32) & _M32)) ^ (epoch & _M32))
+    k = _mix_int(_mix_int(_mix_int(seed ^ _GOLDEN) ^ ((seed >> 32) & _M32)) ^ (epoch & _M32))
     uids = uids.to(torch.int64)
     lo, hi = uids & _M32, (uids >> 32) & _M32  # >> is arithmetic, the mask keeps the bit pattern
-    return _mix(_mix(lo ^ k) ^ _mix(hi + 0x9E3779B9))
+    return _mix(_mix(lo ^ k) ^ hi ^ _GOLDEN)
+
+
+_POSITIONS: dict = {}
+
+
+def _position_hash(length: int, stream: int, device) -> Tensor:
+    """(L,) int64: the hashed counter of each position in a stream, built once per (L, stream, device)."""
+    key = (length, stream, str(device))
+    if key not in _POSITIONS:
+        _POSITIONS[key] = _mix(torch.arange(length, dtype=torch.int64) * 8 + stream + _GOLDEN).to(device)
+    return _POSITIONS[key]
 
 
 def keyed_bits(keys: Tensor, length: int, stream: int) -> Tensor:
     """(B, L) int64 uniform 32-bit values for positions 0..L-1 of each keyed sequence, one stream of several."""
-    pos = torch.arange(length, device=keys.device, dtype=torch.int64)
-    return _mix(keys[:, None] ^ _mix(pos * 8 + stream))
+    return _mix(keys[:, None] ^ _position_hash(length, stream, keys.device)[None, :])
 
 
-def keyed_bits_at(keys: Tensor, rows: Tensor, cols: Tensor, stream: int) -> Tensor:
-    """keyed_bits(keys, L, stream)[rows, cols], computed only there (for the few selected positions)."""
-    return _mix(keys[rows] ^ _mix(cols * 8 + stream))
+def keyed_bits_at(keys: Tensor, rows: Tensor, cols: Tensor, length: int, stream: int) -> Tensor:
+    """keyed_bits(keys, length, stream)[rows, cols], computed only there (for the few selected positions)."""
+    return _mix(keys.index_select(0, rows) ^ _position_hash(length, stream, keys.device).index_select(0, cols))
+
+
+def _rehash(x: Tensor) -> Tensor:
+    """One multiply-xorshift round: a second, cheaper stream derived from a hashed value."""
+    x = (x ^ 0x5BD1E995) * _MIX & _M32
+    x ^= x >> 15
+    return x
 
 
 def _threshold(prob: float) -> int:
@@ -146,7 +164,8 @@ def _eligible(tokens: Tensor, lengths: Tensor, vocab: Vocab) -> Tensor:
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab.size):
         raise ValueError(f"token ids outside [0, {vocab.size}): the shards do not match this vocabulary")
     real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
-    return real & ~_tables(vocab, tokens.device)[0][tokens]
+    special = _tables(vocab, tokens.device)[0].index_select(0, tokens.view(-1)).view(tokens.shape)
+    return real & ~special
 
 
 def _span_units(eligible, word_starts, keys, config):
@@ -238,17 +257,19 @@ def mask_batch(tokens: Tensor, word_starts: Tensor, lengths: Tensor, uids: Tenso
                       config=config, vocab=vocab)
     labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
     # the 80/10/10 draw and the random ids are computed only at the selected positions (~15% of the batch)
-    flat = torch.nonzero(selected.view(-1)).squeeze(1)  # (S,) positions in the flattened batch
-    rows, cols = flat // tokens.shape[1], flat % tokens.shape[1]
-    action = keyed_bits_at(keys, rows, cols, stream=1) >> 8
+    L = tokens.shape[1]
+    rows, cols = torch.nonzero(selected).unbind(1)  # (S,) each
+    flat = rows * L + cols
+    bits = keyed_bits_at(keys, rows, cols, L, stream=1)
+    action = bits >> 8
     regular = _tables(vocab, device)[1]
-    pick = (keyed_bits_at(keys, rows, cols, stream=2) * regular.numel()) >> 32  # uniform in [0, V')
+    pick = (_rehash(bits) * regular.numel()) >> 32  # uniform in [0, V')
     replaced = torch.where(action < _threshold(config.mask_token_frac + config.random_token_frac),
-                           regular[pick], tokens.view(-1)[flat])
+                           regular.index_select(0, pick), tokens.view(-1).index_select(0, flat))
     replaced = torch.where(action < _threshold(config.mask_token_frac),
                            torch.full_like(replaced, vocab.mask_id), replaced)
     inputs = tokens.clone()
-    inputs.view(-1)[flat] = replaced
+    inputs.view(-1).index_copy_(0, flat, replaced)
     return inputs, labels
 
 
