@@ -1,0 +1,132 @@
+"""The Beam job's configuration: one frozen dataclass per stage, built from CLI flags in one place.
+
+`PipelineConfig` holds them all and is recorded whole in index.json. `PipelineConfig.data_hash()` covers only
+what changes the bytes of the output (inputs, tokenizer hash, packing, masking, sharding) and keys every uid,
+so the output does not depend on the output path, the runner or the number of workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+TEXT_MODES = ("line", "paragraph")     # text files: a document per line, or per blank-line separated block
+PACKINGS = ("full", "doc")             # see pipeline/packing.py PACKERS
+MASKINGS = ("dynamic", "static")
+
+
+def _fail(what: str, value, allowed: str, fix: str):
+    raise ValueError(f"{what}={value!r} is not valid; allowed: {allowed}. {fix}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """Which files to read and how to find the text in them."""
+    inputs: tuple[str, ...]            # paths or globs, local or any Beam filesystem (gs://, s3://)
+    text_field: str = "text"           # JSONL field / Parquet column holding the document
+    text_mode: str = "line"            # text files: "line" or "paragraph"
+    max_doc_chars: int = 1_000_000     # longer documents are split into parts (then tokenized as one)
+    group_bytes: int = 512 * 1024      # consecutive documents of a file form a pack group of about this size
+
+    def __post_init__(self):
+        if not self.inputs:
+            _fail("inputs", self.inputs, "one or more paths or globs", "Pass --input PATH (repeatable).")
+        if not self.text_field:
+            _fail("text_field", self.text_field, "a field or column name", "Pass --text-field NAME.")
+        if self.text_mode not in TEXT_MODES:
+            _fail("text_mode", self.text_mode, "|".join(TEXT_MODES), "Pick one with --text-mode.")
+        if self.max_doc_chars < 1000:
+            _fail("max_doc_chars", self.max_doc_chars, ">= 1000", "Raise --max-doc-chars.")
+        if self.group_bytes < 1:
+            _fail("group_bytes", self.group_bytes, ">= 1", "Raise --group-bytes.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenizeConfig:
+    """Which tokenizer (a tokenizer.json file; see `maskstream tokenizer`)."""
+    tokenizer: str                     # path as given (local or Beam filesystem)
+    tokenizer_sha256: str = ""         # filled in by the launcher; part of the data hash, the path is not
+
+    def __post_init__(self):
+        if not self.tokenizer:
+            _fail("tokenizer", self.tokenizer, "a tokenizer.json path", "Pass --tokenizer FILE.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PackConfig:
+    """How token streams become sequences of exactly seq_len tokens."""
+    seq_len: int = 128
+    packing: str = "full"              # "full": documents concatenated in a pack group; "doc": never crosses one
+
+    def __post_init__(self):
+        if not 8 <= self.seq_len <= 65536:
+            _fail("seq_len", self.seq_len, "8..65536", "Pass --seq-len L, e.g. 128 or 512.")
+        if self.packing not in PACKINGS:
+            _fail("packing", self.packing, "|".join(PACKINGS), "Pick one with --packing.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardConfig:
+    """Where sequences go: shard count, block size, and static masks."""
+    output: str                        # folder or URL prefix
+    num_shards: int = 8
+    block_bytes: int = 128 * 1024      # token bytes per record (a block of sequences)
+    masking: str = "dynamic"           # "dynamic": the loader masks; "static": K masks stored per sequence
+    static_copies: int = 0             # K (static only)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.output:
+            _fail("output", self.output, "a folder or URL prefix", "Pass --output DIR.")
+        if not 1 <= self.num_shards <= 999_999:
+            _fail("num_shards", self.num_shards, "1..999999", "Pass --num-shards N.")
+        if self.block_bytes < 1024:
+            _fail("block_bytes", self.block_bytes, ">= 1024", "Raise --block-bytes.")
+        if self.masking not in MASKINGS:
+            _fail("masking", self.masking, "|".join(MASKINGS), "Pick one with --masking.")
+        if self.masking == "static" and not 1 <= self.static_copies <= 64:
+            _fail("static_copies", self.static_copies, "1..64 with --masking static",
+                  "Pass --static-copies K (BERT used 10).")
+        if self.masking == "dynamic" and self.static_copies:
+            _fail("static_copies", self.static_copies, "0 with --masking dynamic",
+                  "Drop --static-copies or pass --masking static.")
+        if not 0 <= self.seed < 2**63:
+            _fail("seed", self.seed, "0..2**63-1", "Pass --seed N.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """The whole job's configuration, recorded in index.json under "config"."""
+    source: SourceConfig
+    tokenize: TokenizeConfig
+    pack: PackConfig
+    shard: ShardConfig
+    masking: "MaskingConfig"          # loader.masking; imported lazily so workers skip torch in dynamic mode
+
+    def to_dict(self) -> dict:
+        return {"source": dataclasses.asdict(self.source), "tokenize": dataclasses.asdict(self.tokenize),
+                "pack": dataclasses.asdict(self.pack), "shard": dataclasses.asdict(self.shard),
+                "masking": self.masking.to_dict()}
+
+    def data_hash(self) -> bytes:
+        """16 bytes that change whenever the output bytes would; keys the uids."""
+        d = self.to_dict()
+        d["tokenize"].pop("tokenizer")   # the file's sha256 counts, not where it lies
+        d["shard"].pop("output")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.blake2b(blob, digest_size=16).digest()
+
+
+def config_from_args(args) -> PipelineConfig:
+    """The one place where CLI flags become configs (pipeline/run.py's argparse namespace)."""
+    from loader.masking import MaskingConfig
+    selection = "word" if args.whole_word else args.selection
+    masking = MaskingConfig(mask_prob=args.mask_prob, selection=selection)
+    return PipelineConfig(
+        source=SourceConfig(inputs=tuple(args.input), text_field=args.text_field, text_mode=args.text_mode,
+                            max_doc_chars=args.max_doc_chars, group_bytes=args.group_bytes),
+        tokenize=TokenizeConfig(tokenizer=args.tokenizer, tokenizer_sha256=args.tokenizer_sha256),
+        pack=PackConfig(seq_len=args.seq_len, packing=args.packing),
+        shard=ShardConfig(output=args.output, num_shards=args.num_shards, block_bytes=args.block_bytes,
+                          masking=args.masking, static_copies=args.static_copies, seed=args.seed),
+        masking=masking)

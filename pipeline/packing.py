@@ -1,0 +1,173 @@
+"""Tokenized documents to sequences: the record logic of Tokenize, Pack and AssignShards, without Beam.
+
+A pack group (consecutive documents of one file) is tokenized in one `encode_batch` call; word starts come
+from the encodings' word ids. Packing (a dict keyed by mode) cuts the group's tokens into sequences of exactly
+L tokens wrapped in the tokenizer's own prefix/suffix ([CLS] .. [SEP], <s> .. </s>); the last one of a group
+(full) or of a document (doc) is padded: a counted tail, never dropped. Every sequence gets a stable uid, a
+64-bit keyed hash of (config hash, source, position, sequence index); its shard and its place in the shard
+come from further hashes of the uid, so nothing depends on workers, bundles or runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import NamedTuple
+
+import numpy as np
+
+from pipeline.sources import NO_TOKENS, Doc, Reject
+
+
+class TokDoc(NamedTuple):
+    source: str
+    position: int
+    ids: np.ndarray          # (n,) uint32
+    word_starts: np.ndarray  # (n,) bool
+
+
+@dataclasses.dataclass
+class SeqBatch:
+    """Sequences of one pack group (or one shard's share of it)."""
+    uids: np.ndarray         # (B,) uint64
+    tokens: np.ndarray       # (B, L) uint16|uint32, pad after length
+    word_starts: np.ndarray  # (B, L) bool
+    lengths: np.ndarray      # (B,) int32
+
+    def __len__(self):
+        return len(self.uids)
+
+    def take(self, idx) -> "SeqBatch":
+        return SeqBatch(self.uids[idx], self.tokens[idx], self.word_starts[idx], self.lengths[idx])
+
+    @staticmethod
+    def concat(batches: list["SeqBatch"]) -> "SeqBatch":
+        return SeqBatch(*(np.concatenate([getattr(b, f) for b in batches])
+                          for f in ("uids", "tokens", "word_starts", "lengths")))
+
+
+def word_starts_from_ids(word_ids: list) -> np.ndarray:
+    """True where a token begins a word: its word id differs from the previous token's."""
+    w = np.array([-1 if x is None else x for x in word_ids], dtype=np.int64)
+    starts = np.ones(len(w), dtype=bool)
+    starts[1:] = w[1:] != w[:-1]
+    return starts
+
+
+def tokenize_group(tok, docs: list[Doc]) -> tuple[list[TokDoc], list[Reject]]:
+    """Tokenize a group's documents in one batch; parts of an oversized document are joined back."""
+    docs = sorted(docs, key=lambda d: (d.position, d.part))
+    encodings = tok.encode_batch([d.text for d in docs], add_special_tokens=False)
+    merged: dict[tuple[str, int], list] = {}
+    for doc, enc in zip(docs, encodings):
+        merged.setdefault((doc.source, doc.position), []).append(
+            (np.asarray(enc.ids, dtype=np.uint32), word_starts_from_ids(enc.word_ids)))
+    out, rejects = [], []
+    for (source, position), parts in merged.items():
+        ids = np.concatenate([p[0] for p in parts])
+        if len(ids) == 0:
+            rejects.append(Reject(source, position, NO_TOKENS, "text normalizes to no tokens"))
+        else:
+            out.append(TokDoc(source, position, ids, np.concatenate([p[1] for p in parts])))
+    return out, rejects
+
+
+def _chunks(ids: np.ndarray, ws: np.ndarray, *, seq_len: int, prefix, suffix, pad_id: int, dtype):
+    """Cut one token stream into (n, L) sequences of [prefix] chunk [suffix]; the last one padded."""
+    body = seq_len - len(prefix) - len(suffix)
+    n = -(-len(ids) // body)
+    tokens = np.full((n, seq_len), pad_id, dtype=dtype)
+    starts = np.zeros((n, seq_len), dtype=bool)
+    lengths = np.full(n, seq_len, dtype=np.int32)
+    padded = np.zeros(n * body, dtype=ids.dtype)
+    padded[:len(ids)] = ids
+    wpad = np.zeros(n * body, dtype=bool)
+    wpad[:len(ws)] = ws
+    a, b = len(prefix), len(prefix) + body
+    tokens[:, :a] = prefix
+    tokens[:, a:b] = padded.reshape(n, body)
+    starts[:, :a] = True                       # each special token is a word of its own
+    starts[:, a:b] = wpad.reshape(n, body)
+    tokens[:, b:] = suffix
+    starts[:, b:] = True
+    tail = len(ids) - (n - 1) * body
+    if tail < body:                            # move the suffix up behind the last real token, pad the rest
+        end = a + tail
+        tokens[-1, end:] = pad_id
+        starts[-1, end:] = False
+        tokens[-1, end:end + len(suffix)] = suffix
+        starts[-1, end:end + len(suffix)] = True
+        lengths[-1] = end + len(suffix)
+    return tokens, starts, lengths
+
+
+def _pack_full(docs: list[TokDoc], *, sep_id: int):
+    """One stream per group: documents joined by the separator (RoBERTa full-sentences)."""
+    ids, ws = [], []
+    for i, d in enumerate(docs):
+        if i:
+            ids.append(np.array([sep_id], dtype=np.uint32))
+            ws.append(np.ones(1, dtype=bool))
+        ids.append(d.ids)
+        ws.append(d.word_starts)
+    return [(docs[0].position, np.concatenate(ids), np.concatenate(ws))]
+
+
+def _pack_doc(docs: list[TokDoc], *, sep_id: int):
+    """One stream per document: a sequence never crosses a document."""
+    return [(d.position, d.ids, d.word_starts) for d in docs]
+
+
+# packing mode -> group's documents -> [(uid position, ids, word starts)], one stream each
+PACKERS = {"full": _pack_full, "doc": _pack_doc}
+
+
+def make_uids(key: bytes, source: str, position: int, count: int) -> np.ndarray:
+    """(count,) uint64: keyed 64-bit hashes of (source, position, sequence index)."""
+    stem = f"{source}\0{position}\0".encode()
+    return np.array([int.from_bytes(hashlib.blake2b(stem + str(i).encode(), digest_size=8, key=key).digest(),
+                                    "little") for i in range(count)], dtype=np.uint64)
+
+
+def pack_group(docs: list[TokDoc], *, packing: str, seq_len: int, info, key: bytes, dtype) -> tuple[SeqBatch, dict]:
+    """All sequences of a group's tokenized documents, and the group's counts."""
+    batches = []
+    tails = 0
+    for position, ids, ws in PACKERS[packing](docs, sep_id=info.sep_id):
+        tokens, starts, lengths = _chunks(ids, ws, seq_len=seq_len, prefix=info.prefix, suffix=info.suffix,
+                                          pad_id=info.pad_id, dtype=dtype)
+        tails += int(lengths[-1] < seq_len)
+        uids = make_uids(key, docs[0].source, position, len(lengths))
+        batches.append(SeqBatch(uids, tokens, starts, lengths))
+    batch = SeqBatch.concat(batches)
+    stats = {"documents_written": len(docs), "sequences": len(batch), "tail_sequences": tails,
+             "tokens": int(batch.lengths.sum()),
+             "content_tokens": int(sum(len(d.ids) for d in docs)),
+             "pad_tokens": int(len(batch) * seq_len - batch.lengths.sum())}
+    return batch, stats
+
+
+def _mix(x: np.ndarray, salt: int) -> np.ndarray:
+    """splitmix64 finalizer of x ^ salt, (n,) uint64 -> (n,) uint64."""
+    with np.errstate(over="ignore"):
+        z = x ^ np.uint64(salt)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+SHARD_SALT = 0x5EED_0F_5A4D
+ORDER_SALT = 0x0D0E_4_5EED
+
+
+def shard_of(uids: np.ndarray, num_shards: int) -> np.ndarray:
+    return (_mix(uids, SHARD_SALT) % np.uint64(num_shards)).astype(np.int64)
+
+
+def shard_order(uids: np.ndarray) -> np.ndarray:
+    """Indices putting sequences in their in-shard order: by a hash of the uid, ties by uid."""
+    return np.lexsort((uids, _mix(uids, ORDER_SALT)))
+
+
+def split_by_shard(batch: SeqBatch, num_shards: int) -> list[tuple[int, SeqBatch]]:
+    shards = shard_of(batch.uids, num_shards)
+    return [(int(s), batch.take(shards == s)) for s in np.unique(shards)]

@@ -1,0 +1,157 @@
+"""`maskstream preprocess` / `python -m pipeline.run`: parse -> configs -> Beam job -> summary.
+
+Flags of maskstream are parsed here; every other flag goes to Beam's PipelineOptions, so
+`--runner=DataflowRunner --project P --region R --temp_location gs://...` just works. Without --runner the job
+runs on the local FnApiRunner (what DirectRunner picks for batch jobs) in multi-process mode on all cores,
+chosen explicitly so no Prism binary is downloaded; `multi_threading` mode is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from pipeline.config import MASKINGS, PACKINGS, TEXT_MODES, config_from_args
+from pipeline.tokenizer import load_tokenizer
+
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
+
+
+def parse(argv) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="maskstream preprocess", description=__doc__.split("\n")[0],
+                                epilog="Unknown flags go to Beam's PipelineOptions (e.g. --runner, --project).")
+    p.add_argument("--input", action="extend", nargs="+", required=True,
+                   help="file or glob, local or gs:// s3:// (repeatable); .txt .jsonl .parquet, optionally .gz")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (see `maskstream tokenizer`)")
+    p.add_argument("--output", required=True, help="output folder or URL prefix")
+    p.add_argument("--text-field", "--text-column", dest="text_field", default="text",
+                   help="JSONL field / Parquet column holding the text (default: text)")
+    p.add_argument("--text-mode", choices=TEXT_MODES, default="line",
+                   help="text files: a document per line, or per blank-line separated paragraph")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--packing", choices=PACKINGS, default="full",
+                   help="full: documents concatenated (RoBERTa); doc: a sequence never crosses a document")
+    p.add_argument("--masking", choices=MASKINGS, default="dynamic",
+                   help="dynamic: the loader masks every epoch; static: K masks stored per sequence")
+    p.add_argument("--static-copies", type=int, default=None, help="K, with --masking static (default 10)")
+    p.add_argument("--mask-prob", type=float, default=0.15)
+    p.add_argument("--selection", choices=("token", "word", "span"), default="token")
+    p.add_argument("--whole-word", action="store_true", help="same as --selection word")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=8)
+    p.add_argument("--block-bytes", type=int, default=128 * 1024, help="token bytes per tar record")
+    p.add_argument("--max-doc-chars", type=int, default=1_000_000,
+                   help="longer documents are split into parts before tokenizing (never a crash)")
+    p.add_argument("--group-bytes", type=int, default=512 * 1024,
+                   help="consecutive documents of about this many bytes form a pack/tokenize group")
+    p.add_argument("--quiet", action="store_true", help="no summary")
+    args, beam_args = p.parse_known_args(argv)
+    if args.whole_word and args.selection != "token":
+        p.error(f"--whole-word contradicts --selection {args.selection}; pass one of them")
+    if args.static_copies is None:
+        args.static_copies = 10 if args.masking == "static" else 0
+    return args, beam_args
+
+
+def pipeline_options(beam_args: list[str]):
+    """PipelineOptions and, for the local default, the runner object to use."""
+    import os
+
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
+    options = PipelineOptions(beam_args)
+    options.view_as(SetupOptions).save_main_session = False
+    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
+        return options, None
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode == "multi_threading":
+        raise SystemExit("--direct_running_mode=multi_threading was seen to drop elements; use "
+                         "multi_processing (the default here) or in_memory")
+    if not any(a.startswith("--direct_running_mode") for a in beam_args):
+        direct.direct_running_mode = "multi_processing"
+    if not any(a.startswith("--direct_num_workers") for a in beam_args):
+        direct.direct_num_workers = len(os.sched_getaffinity(0))
+    return options, local_runner(options)
+
+
+def local_runner(options):
+    """The FnApiRunner as SwitchingDirectRunner would build it for a batch job, minus its Prism attempt."""
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=info)
+
+
+def prepare(args):
+    """Configs, tokenizer facts and the input file list: everything the graph needs, checked up front."""
+    from pipeline.sources import expand_inputs
+    tok, info, text = load_tokenizer(args.tokenizer)
+    args.tokenizer_sha256 = info.sha256
+    config = config_from_args(args)
+    if config.pack.seq_len <= len(info.prefix) + len(info.suffix):
+        raise SystemExit(f"--seq-len {config.pack.seq_len} leaves no room between the tokenizer's specials")
+    inputs = expand_inputs(config.source.inputs)
+    return config, info, text, inputs
+
+
+def summary(index: dict, seconds: float) -> str:
+    c = index["counts"]
+    total = sum(s["bytes"] for s in index["shards"])
+    rejects = ", ".join(f"{k} {v}" for k, v in c["rejects_by_reason"].items()) or "none"
+    mb = c.get("bytes_read", 0) / 1e6
+    return "\n".join([
+        f"documents  read {c['documents_read']:,}  written {c['documents_written']:,}  "
+        f"rejected {c['documents_rejected']:,} ({rejects})",
+        f"sequences  {c['sequences']:,} of {index['seq_len']} ({c.get('tail_sequences', 0):,} padded tails), "
+        f"tokens {c['tokens']:,} ({c.get('pad_tokens', 0):,} padding)",
+        f"shards     {len(index['shards'])} ({c.get('empty_shards', 0)} empty), {total / 1e6:.2f} MB, "
+        f"{total / max(c['tokens'], 1):.3f} bytes/token",
+        f"speed      {mb:.1f} MB of text in {seconds:.1f} s = {mb / max(seconds, 1e-9):.2f} MB/s",
+    ])
+
+
+def run(argv=None) -> dict:
+    """Run the job; returns the index.json dict it wrote."""
+    import apache_beam as beam
+
+    from pipeline import progress, shards, stages
+    args, beam_args = parse(sys.argv[1:] if argv is None else argv)
+    config, info, text, inputs = prepare(args)
+    options, runner = pipeline_options(beam_args)
+    removed = shards.prepare_output(config.shard.output)
+    if removed:
+        logging.info("removed %d files of an earlier run from %s", len(removed), config.shard.output)
+    start = time.perf_counter()
+    if not args.quiet:
+        print(f"preprocess: {len(inputs)} file(s), {sum(n for _, n in inputs) / 1e6:.1f} MB -> "
+              f"{config.shard.output}", file=sys.stderr, flush=True)
+    p = beam.Pipeline(runner=runner, options=options) if runner else beam.Pipeline(options=options)
+    stages.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs)
+    with progress.Bar(None, enabled=runner is not None and not args.quiet and sys.stderr.isatty(),
+                      desc="tokenized chars"):
+        result = p.run()
+        result.wait_until_finish()
+    if getattr(result, "state", None) not in (None, "DONE") and not shards.is_local(config.shard.output):
+        return {}
+    from loader.format import INDEX_FILE, read_index
+    from pipeline.tokenizer import read_bytes
+    try:
+        index = read_index(read_bytes(shards.join(config.shard.output, INDEX_FILE)))
+    except FileNotFoundError:   # e.g. a Dataflow --dry_run or a template build: nothing ran
+        return {}
+    if not args.quiet:
+        print(summary(index, time.perf_counter() - start), file=sys.stderr, flush=True)
+    return index
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

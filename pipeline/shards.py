@@ -1,0 +1,164 @@
+"""Writing the dataset: shards, rejects and index.json (the record logic of WriteShards and WriteIndex).
+
+Every file is written under a temporary name and renamed when complete; `prepare_output` removes what a
+crashed or earlier run left (index.json first, so a half-rewritten dataset is never taken for a complete one).
+Local folders use loader.format's ShardWriter.create / write_index; other Beam filesystems (gs://, s3://)
+stream through FileSystems and rename the same way.
+"""
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+
+from loader import format as fmt
+from pipeline.packing import SeqBatch, shard_order
+from pipeline.sources import REASONS
+
+REJECTS_DIR = "rejects"
+REJECTS_FILE = "rejects.jsonl"
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def join(base: str, *names: str) -> str:
+    if is_local(base):
+        return os.path.join(base.removeprefix("file://"), *names)
+    return "/".join([base.rstrip("/"), *names])
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Write bytes under a temporary name, then rename into place (any Beam filesystem)."""
+    temp = path + fmt.PARTIAL_SUFFIX
+    if is_local(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+        return
+    from apache_beam.io.filesystems import FileSystems
+    with FileSystems.create(temp) as f:
+        f.write(data)
+    FileSystems.rename([temp], [path])
+
+
+def prepare_output(output: str) -> list[str]:
+    """Make the folder and delete what an earlier or crashed run left; returns the names removed."""
+    from apache_beam.io.filesystems import FileSystems
+    if is_local(output):
+        os.makedirs(join(output, REJECTS_DIR), exist_ok=True)
+    patterns = [join(output, fmt.INDEX_FILE), join(output, fmt.INDEX_FILE + fmt.PARTIAL_SUFFIX),
+                join(output, "shard-*.tar"), join(output, "shard-*.tar" + fmt.PARTIAL_SUFFIX),
+                join(output, REJECTS_DIR, REJECTS_FILE + "*")]
+    removed = []
+    for result in FileSystems.match(patterns):   # index.json comes first: the dataset turns incomplete at once
+        paths = [m.path for m in result.metadata_list]
+        if paths:
+            FileSystems.delete(paths)
+            removed += paths
+    return removed
+
+
+def blocks_of(batch: SeqBatch, block_size: int):
+    """(tokens, word starts, lengths, uids) slices of at most block_size sequences, in order."""
+    for i in range(0, len(batch), block_size):
+        yield batch.take(slice(i, i + block_size))
+
+
+def block_size(seq_len: int, dtype, block_bytes: int) -> int:
+    return max(1, block_bytes // (seq_len * np.dtype(dtype).itemsize))
+
+
+def static_block(seqs: SeqBatch, *, shard_cfg, masking, vocab) -> tuple[np.ndarray, np.ndarray]:
+    """(selected (B, K, L) bool, inputs (B, K, L) int64): loader.masking for epochs 0..K-1, torch on CPU.
+
+    masking is MaskingConfig.to_dict(): workers import torch only here, in static mode."""
+    import torch
+
+    from loader.masking import MaskingConfig, static_masks
+    selected, inputs = static_masks(
+        torch.from_numpy(seqs.tokens.astype(np.int64)), torch.from_numpy(seqs.word_starts),
+        torch.from_numpy(seqs.lengths.astype(np.int64)), torch.from_numpy(seqs.uids.view(np.int64)),
+        seed=shard_cfg.seed, copies=shard_cfg.static_copies, config=MaskingConfig.from_dict(masking),
+        vocab=vocab)
+    return selected.numpy(), inputs.numpy()
+
+
+def write_shard(output: str, shard: int, batches: list[SeqBatch], *, shard_cfg, masking, info, seq_len,
+                dtype) -> dict:
+    """Write one shard (its sequences in uid-hash order, cut into blocks) and return its index entry."""
+    seqs = SeqBatch.concat(batches)
+    seqs = seqs.take(shard_order(seqs.uids))
+    if is_local(output):
+        writer = fmt.ShardWriter.create(join(output), shard, vocab_size=info.vocab_size)
+        stream = None
+    else:
+        from apache_beam.io.filesystems import FileSystems
+        final = join(output, fmt.shard_name(shard))
+        stream = FileSystems.create(final + fmt.PARTIAL_SUFFIX)
+        writer = fmt.ShardWriter(stream, fmt.shard_name(shard), vocab_size=info.vocab_size)
+    for part in blocks_of(seqs, block_size(seq_len, dtype, shard_cfg.block_bytes)):
+        block = fmt.Block(tokens=part.tokens, lengths=part.lengths, word_starts=part.word_starts, uids=part.uids)
+        if shard_cfg.masking == "static":
+            block.static_selected, block.static_inputs = static_block(part, shard_cfg=shard_cfg, masking=masking,
+                                                                      vocab=info.vocab())
+        writer.add(block)
+    entry = writer.close()
+    if stream is not None:
+        stream.close()
+        FileSystems.rename([final + fmt.PARTIAL_SUFFIX], [final])
+    return entry
+
+
+def write_rejects(output: str, rejects) -> dict:
+    """rejects/rejects.jsonl in (source, position) order; returns the count per reason."""
+    rejects = sorted(rejects, key=lambda r: (r.source, r.position, r.reason))
+    _write_atomic(join(output, REJECTS_DIR, REJECTS_FILE), "".join(r.to_json() + "\n" for r in rejects).encode())
+    counts = collections.Counter(r.reason for r in rejects)
+    return {reason: counts[reason] for reason in REASONS if counts[reason]}
+
+
+def sum_stats(dicts) -> dict:
+    total = collections.Counter()
+    for d in dicts:
+        total.update(d)
+    return dict(sorted(total.items()))
+
+
+def build_index(*, entries, stats: dict, documents_read: int, rejects_by_reason: dict, config: dict, info,
+                inputs) -> dict:
+    """The index.json dict; fails (and so writes nothing) unless every document read is accounted for."""
+    entries = sorted(entries, key=lambda e: e["name"])
+    rejected = sum(rejects_by_reason.values())
+    written = stats.get("documents_written", 0)
+    if documents_read != written + rejected:
+        raise RuntimeError(f"documents lost: read {documents_read} but wrote {written} and rejected {rejected}; "
+                           "refusing to write index.json (this is a bug in the pipeline, please report it)")
+    sequences = sum(e["sequences"] for e in entries)
+    if sequences != stats.get("sequences", 0):
+        raise RuntimeError(f"sequences lost: packed {stats.get('sequences', 0)} but shards hold {sequences}")
+    counts = dict(stats, documents_read=documents_read, documents_rejected=rejected,
+                  rejects_by_reason=rejects_by_reason, sequences=sequences,
+                  tokens=sum(e["tokens"] for e in entries), shards=len(entries),
+                  empty_shards=config["shard"]["num_shards"] - len(entries))
+    return {
+        "format_version": fmt.FORMAT_VERSION, "shards": entries, "counts": counts,
+        "seq_len": config["pack"]["seq_len"], "packing": config["pack"]["packing"], "tokenizer": info.to_index(),
+        "masking": {"mode": config["shard"]["masking"], "static_copies": config["shard"]["static_copies"],
+                    "seed": config["shard"]["seed"], "config": config["masking"]},
+        "config": config, "inputs": [{"path": p, "bytes": n} for p, n in inputs],
+        "rejects": f"{REJECTS_DIR}/{REJECTS_FILE}",
+    }
+
+
+def write_index(output: str, index: dict) -> None:
+    if is_local(output):
+        fmt.write_index(join(output), index)
+    else:
+        fmt.read_index(fmt.dump_index(index))
+        _write_atomic(join(output, fmt.INDEX_FILE), fmt.dump_index(index))

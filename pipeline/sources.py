@@ -1,0 +1,200 @@
+"""Reading corpora and cleaning documents: the record logic of ReadDocuments and Clean, without Beam.
+
+Sources (a small dict keyed by format): text (a document per line, or per blank-line separated paragraph),
+JSONL (a field), Parquet (a column), each optionally gzip-compressed, local or on any Beam filesystem. A
+reader yields `Raw` records with their exact position in the file (line or row number) and a pack group
+(consecutive records of about `group_bytes`, a pure function of the file's content). `clean_record` turns a
+Raw into document parts or a `Reject` with a reason: nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterator, NamedTuple
+
+# Reject reasons, in the order the summary prints them.
+INVALID_UTF8 = "invalid_utf8"
+MALFORMED_JSON = "malformed_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_FIELD = "missing_field"
+NON_STRING_FIELD = "non_string_field"
+EMPTY = "empty"
+NO_TOKENS = "no_tokens"             # set by Tokenize: text that normalizes to nothing
+REASONS = (INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, NON_STRING_FIELD, EMPTY, NO_TOKENS)
+
+
+class Raw(NamedTuple):
+    source: str          # the file, as matched
+    position: int        # line number (text, JSONL) or row number (Parquet), 0-based
+    group: int           # pack group within the file
+    fmt: str             # text | jsonl | parquet
+    data: object         # bytes (text, JSONL) or the column's value (Parquet)
+
+
+class Doc(NamedTuple):
+    source: str
+    position: int
+    part: int            # > 0 only for pieces of an oversized document
+    group: int
+    text: str
+
+
+class Reject(NamedTuple):
+    source: str
+    position: int
+    reason: str
+    detail: str          # short, deterministic: an error message or the start of the record
+
+    def to_json(self) -> str:
+        return json.dumps(self._asdict(), ensure_ascii=False, sort_keys=True)
+
+
+def detect_format(path: str) -> str:
+    name = path.lower().removesuffix(".gz")
+    for suffix, fmt in ((".txt", "text"), (".text", "text"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
+                        (".json", "jsonl"), (".parquet", "parquet")):
+        if name.endswith(suffix):
+            return fmt
+    raise ValueError(f"cannot tell the format of {path!r} from its name; allowed endings: .txt .jsonl .ndjson "
+                     ".json .parquet (each optionally .gz). Rename the file.")
+
+
+def expand_inputs(patterns) -> list[tuple[str, int]]:
+    """(path, size) of every file the patterns match, sorted, no duplicates; fails on a pattern matching nothing."""
+    from apache_beam.io.filesystems import FileSystems
+    files = {}
+    for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
+        if not result.metadata_list:
+            raise FileNotFoundError(f"--input {pattern!r} matches no file; check the path or quote the glob")
+        for md in result.metadata_list:
+            detect_format(md.path)
+            files[md.path] = md.size_in_bytes
+    return sorted(files.items())
+
+
+def _open(path: str):
+    from apache_beam.io.filesystems import CompressionTypes, FileSystems
+    return FileSystems.open(path, compression_type=CompressionTypes.AUTO)
+
+
+def iter_lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a binary stream without their line ending; a final line without one counts too."""
+    rest = b""
+    while True:
+        buf = f.read(chunk)
+        if not buf:
+            break
+        lines = (rest + buf).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line.removesuffix(b"\r")
+    if rest:
+        yield rest.removesuffix(b"\r")
+
+
+def _grouped(records, group_bytes: int):
+    """(size, position, data) -> (position, group, data): a new group once the current one holds group_bytes."""
+    group, used = 0, 0
+    for size, position, data in records:
+        if used >= group_bytes:
+            group, used = group + 1, 0
+        used += size
+        yield position, group, data
+
+
+def _read_lines(path, source):
+    with _open(path) as f:
+        yield from ((len(line) + 1, i, line) for i, line in enumerate(iter_lines(f)))
+
+
+def _read_paragraphs(path, source):
+    """Blank-line separated blocks; position = line number of the block's first line."""
+    with _open(path) as f:
+        block, start = [], 0
+        for i, line in enumerate(iter_lines(f)):
+            if line.strip():
+                if not block:
+                    start = i
+                block.append(line)
+            elif block:
+                data = b"\n".join(block)
+                yield len(data), start, data
+                block = []
+        if block:
+            data = b"\n".join(block)
+            yield len(data), start, data
+
+
+def _read_parquet(path, source):
+    import pyarrow.parquet as pq
+    with _open(path) as f:
+        pf = pq.ParquetFile(f)
+        if source.text_field not in pf.schema_arrow.names:
+            raise ValueError(f"{path}: no column {source.text_field!r}; columns: {pf.schema_arrow.names}. "
+                             "Pass --text-column NAME.")
+        row = 0
+        for batch in pf.iter_batches(columns=[source.text_field], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                yield (len(value.encode()) if isinstance(value, str) else 1), row, value
+                row += 1
+
+
+# format -> reader of (size, position, data); text's reader depends on SourceConfig.text_mode
+READERS = {"jsonl": _read_lines, "parquet": _read_parquet}
+TEXT_READERS = {"line": _read_lines, "paragraph": _read_paragraphs}
+
+
+def iter_raw_records(path: str, source) -> Iterator[Raw]:
+    fmt = detect_format(path)
+    reader = TEXT_READERS[source.text_mode] if fmt == "text" else READERS[fmt]
+    for position, group, data in _grouped(reader(path, source), source.group_bytes):
+        yield Raw(path, position, group, fmt, data)
+
+
+def _excerpt(data) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else repr(data)
+    return text[:80]
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Pieces of at most max_chars, cut after the last whitespace before the limit when there is one."""
+    parts = []
+    while len(text) > max_chars:
+        cut = max(text.rfind(" ", 0, max_chars), text.rfind("\n", 0, max_chars)) + 1
+        cut = cut if cut > max_chars // 2 else max_chars
+        parts.append(text[:cut])
+        text = text[cut:]
+    return parts + [text]
+
+
+def clean_record(raw: Raw, source) -> list[Doc] | Reject:
+    """The document parts of a record, or why it is rejected."""
+    def reject(reason, detail):
+        return Reject(raw.source, raw.position, reason, detail)
+
+    if raw.fmt == "parquet":
+        text = raw.data
+        if text is None:
+            return reject(MISSING_FIELD, f"column {source.text_field!r} is null")
+    else:
+        try:
+            text = raw.data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return reject(INVALID_UTF8, f"{e.reason} at byte {e.start}: {_excerpt(raw.data)}")
+        if raw.fmt == "jsonl":
+            if not text.strip():
+                return reject(EMPTY, "blank line")
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                return reject(MALFORMED_JSON, f"{e.msg} at column {e.colno}: {_excerpt(raw.data)}")
+            if not isinstance(obj, dict):
+                return reject(NOT_AN_OBJECT, f"a JSON {type(obj).__name__}, not an object")
+            if source.text_field not in obj:
+                return reject(MISSING_FIELD, f"no field {source.text_field!r}; fields: {sorted(obj)[:10]}")
+            text = obj[source.text_field]
+    if not isinstance(text, str):
+        return reject(NON_STRING_FIELD, f"{source.text_field!r} is a {type(text).__name__}: {_excerpt(text)}")
+    if not text.strip():
+        return reject(EMPTY, "empty or whitespace only")
+    return [Doc(raw.source, raw.position, i, raw.group, part)
+            for i, part in enumerate(split_text(text, source.max_doc_chars))]

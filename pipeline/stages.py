@@ -1,0 +1,259 @@
+"""The Beam job's stages: one named PTransform each; expand() only wires, the record logic is elsewhere.
+
+    ReadDocuments -> Clean -> Tokenize -> Pack -> AssignShards -> WriteShards -> WriteIndex
+         \ counts     \ rejects  \ rejects  \ counts                     entries /  (rejects.jsonl, index.json)
+
+`build(p, ...)` applies the whole graph to a pipeline (also a TestPipeline) and returns its PCollections.
+"""
+from __future__ import annotations
+
+import os
+import typing
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from loader.format import token_dtype
+from pipeline import packing, progress, shards, sources
+
+NS = "maskstream"   # Beam metrics namespace
+   # Beam metrics namespace
+REJECTS = "rejects"
+STATS = "stats"
+
+
+# ---- ReadDocuments ----------------------------------------------------------------------------------------
+
+class _ReadFile(beam.DoFn):
+    """A whole file in one call, so positions are exact line/row numbers; its counts go to STATS."""
+    def __init__(self, source):
+        self.source = source
+        self.read = Metrics.counter(NS, "documents_read")
+        self.bytes = Metrics.counter(NS, "bytes_read")
+
+    def process(self, path):
+        n = size = 0
+        for raw in sources.iter_raw_records(path, self.source):
+            n += 1
+            size += len(raw.data) if isinstance(raw.data, (bytes, str)) else 1
+            yield raw
+        self.read.inc(n)
+        self.bytes.inc(size)
+        yield beam.pvalue.TaggedOutput(STATS, {"documents_read": n, "bytes_read": size, "files": 1})
+
+
+class ReadDocuments(beam.PTransform):
+    """Matched input files -> Raw records (source, position, pack group, data), plus per-file counts."""
+    def __init__(self, files: list[str], source):
+        super().__init__()
+        self.files, self.source = files, source
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Files" >> beam.Create(self.files)        # NOTE: Create reshuffles: files spread over workers
+                | "ReadFile" >> beam.ParDo(_ReadFile(self.source)).with_outputs(STATS, main="records"))
+
+
+# ---- Clean ------------------------------------------------------------------------------------------------
+
+@beam.typehints.with_output_types(typing.Tuple[typing.Tuple[str, int], typing.Any])
+class _Clean(beam.DoFn):
+    def __init__(self, source):
+        self.source = source
+        self.rejected = {r: Metrics.counter(NS, f"rejected_{r}") for r in sources.REASONS}
+
+    def process(self, raw):
+        out = sources.clean_record(raw, self.source)
+        if isinstance(out, sources.Reject):
+            self.rejected[out.reason].inc()
+            yield beam.pvalue.TaggedOutput(REJECTS, out)
+            return
+        for doc in out:
+            yield (doc.source, doc.group), doc
+
+
+class Clean(beam.PTransform):
+    """Raw records -> ((source, group), Doc) for valid documents; rejects with their reason to REJECTS."""
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+
+    def expand(self, records):
+        return records | "Validate" >> beam.ParDo(_Clean(self.source)).with_outputs(REJECTS, main="docs")
+
+
+# ---- Tokenize ---------------------------------------------------------------------------------------------
+
+@beam.typehints.with_output_types(typing.Tuple[typing.Tuple[str, int], typing.Any])
+class _Tokenize(beam.DoFn):
+    """One encode_batch per pack group; the tokenizer is built once per worker, from its JSON text."""
+    def __init__(self, tokenizer_json: str):
+        self.tokenizer_json = tokenizer_json
+        self.no_tokens = Metrics.counter(NS, f"rejected_{sources.NO_TOKENS}")
+
+    def setup(self):
+        # NOTE: every worker process is one core; Rust threads in each would fight over the same cores.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from pipeline.tokenizer import tokenizer_from_json
+        self.tok = tokenizer_from_json(self.tokenizer_json)
+        self.progress = progress.Reporter()   # local runner only
+
+    def process(self, element):
+        key, docs = element
+        docs = list(docs)
+        tokdocs, rejects = packing.tokenize_group(self.tok, docs)
+        self.progress.add(sum(len(d.text) for d in docs))
+        for r in rejects:
+            self.no_tokens.inc()
+            yield beam.pvalue.TaggedOutput(REJECTS, r)
+        if tokdocs:
+            yield key, tokdocs
+
+
+class Tokenize(beam.PTransform):
+    """((source, group), Doc) -> ((source, group), [TokDoc]): grouped, tokenized in one batch per group."""
+    def __init__(self, tokenizer_json: str):
+        super().__init__()
+        self.tokenizer_json = tokenizer_json
+
+    def expand(self, docs):
+        return (docs
+                | "GroupDocs" >> beam.GroupByKey()
+                | "Encode" >> beam.ParDo(_Tokenize(self.tokenizer_json)).with_outputs(REJECTS, main="tokdocs"))
+
+
+# ---- Pack, AssignShards -----------------------------------------------------------------------------------
+
+class _Pack(beam.DoFn):
+    def __init__(self, pack_cfg, info, key: bytes):
+        self.pack_cfg, self.info, self.key = pack_cfg, info, key
+        self.counters = {n: Metrics.counter(NS, n) for n in ("documents_written", "sequences", "tokens")}
+
+    def process(self, element):
+        _, tokdocs = element
+        batch, stats = packing.pack_group(tokdocs, packing=self.pack_cfg.packing, seq_len=self.pack_cfg.seq_len,
+                                          info=self.info, key=self.key, dtype=token_dtype(self.info.vocab_size))
+        for name, counter in self.counters.items():
+            counter.inc(stats[name])
+        yield batch
+        yield beam.pvalue.TaggedOutput(STATS, stats)
+
+
+class Pack(beam.PTransform):
+    """Tokenized groups -> SeqBatch of exactly-L sequences with uids, plus per-group counts to STATS."""
+    def __init__(self, pack_cfg, info, key: bytes):
+        super().__init__()
+        self.pack_cfg, self.info, self.key = pack_cfg, info, key
+
+    def expand(self, tokdocs):
+        return tokdocs | "PackGroup" >> beam.ParDo(_Pack(self.pack_cfg, self.info, self.key)).with_outputs(
+            STATS, main="sequences")
+
+
+class AssignShards(beam.PTransform):
+    """SeqBatch -> (shard, SeqBatch): shard = hash(uid) % num_shards."""
+    def __init__(self, num_shards: int):
+        super().__init__()
+        self.num_shards = num_shards
+
+    def expand(self, batches):
+        n = self.num_shards
+        return batches | "SplitByShard" >> beam.FlatMap(packing.split_by_shard, n).with_output_types(
+            typing.Tuple[int, typing.Any])
+
+
+# ---- WriteShards, WriteRejects, WriteIndex ----------------------------------------------------------------
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, config, info):
+        # only plain pieces travel to workers: MaskingConfig would import torch, needed in static mode only
+        self.shard_cfg, self.seq_len, self.info = config.shard, config.pack.seq_len, info
+        self.masking = config.masking.to_dict() if config.shard.masking == "static" else None
+        self.written = Metrics.counter(NS, "shards_written")
+        self.bytes = Metrics.counter(NS, "shard_bytes")
+
+    def process(self, element):
+        shard, batches = element
+        entry = shards.write_shard(self.shard_cfg.output, shard, list(batches), shard_cfg=self.shard_cfg,
+                                   masking=self.masking, info=self.info, seq_len=self.seq_len,
+                                   dtype=token_dtype(self.info.vocab_size))
+        self.written.inc()
+        self.bytes.inc(entry["bytes"])
+        yield entry
+
+
+class WriteShards(beam.PTransform):
+    """(shard, SeqBatch) -> one tar per shard (temporary name, then renamed) -> its index.json entry."""
+    def __init__(self, config, info):
+        super().__init__()
+        self.config, self.info = config, info
+
+    def expand(self, keyed):
+        return (keyed
+                | "GroupByShard" >> beam.GroupByKey()
+                | "WriteTar" >> beam.ParDo(_WriteShard(self.config, self.info)))
+
+
+class _Gather(beam.CombineFn):
+    """(kind, payload) -> {"entry": [...], "reject": [...], "stats": {summed}}; partial sums on each worker."""
+    def create_accumulator(self):
+        return {"entry": [], "reject": [], "stats": {}}
+
+    def add_input(self, acc, element):
+        kind, payload = element
+        if kind == "stats":
+            acc["stats"] = shards.sum_stats([acc["stats"], payload])
+        else:
+            acc[kind].append(payload)
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return {"entry": [e for a in accs for e in a["entry"]], "reject": [r for a in accs for r in a["reject"]],
+                "stats": shards.sum_stats(a["stats"] for a in accs)}
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _finish(gathered, *, config: dict, info, inputs) -> dict:
+    """Write rejects.jsonl, check that every document is accounted for, then write index.json."""
+    output = config["shard"]["output"]
+    by_reason = shards.write_rejects(output, gathered["reject"])
+    stats = dict(gathered["stats"])
+    index = shards.build_index(entries=gathered["entry"], stats=stats, documents_read=stats.pop("documents_read", 0),
+                               rejects_by_reason=by_reason, config=config, info=info, inputs=inputs)
+    shards.write_index(output, index)
+    return index
+
+
+class WriteIndex(beam.PTransform):
+    """Shard entries, rejects and counts -> rejects/rejects.jsonl, then index.json, once every shard is written."""
+    def __init__(self, config, info, inputs):
+        super().__init__()
+        self.config, self.info, self.inputs = config.to_dict(), info, inputs   # a plain dict: no torch import
+
+    def expand(self, parts):
+        # NOTE: CombineGlobally waits for its whole input, so index.json is written after the last shard.
+        return (parts
+                | "Gather" >> beam.CombineGlobally(_Gather())
+                | "Write" >> beam.Map(_finish, config=self.config, info=self.info, inputs=self.inputs))
+
+
+def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]]) -> dict:
+    """Apply the whole job to pipeline p; returns its PCollections by name (for tests and the runner)."""
+    read = p | "ReadDocuments" >> ReadDocuments([path for path, _ in inputs], config.source)
+    clean = read.records | "Clean" >> Clean(config.source)
+    tok = clean.docs | "Tokenize" >> Tokenize(tokenizer_json)
+    packed = tok.tokdocs | "Pack" >> Pack(config.pack, info, config.data_hash())
+    entries = (packed.sequences
+               | "AssignShards" >> AssignShards(config.shard.num_shards)
+               | "WriteShards" >> WriteShards(config, info))
+    parts = [entries | "TagEntries" >> beam.Map(lambda e: ("entry", e)),
+             clean.rejects | "TagRejects" >> beam.Map(lambda r: ("reject", r)),
+             tok.rejects | "TagNoTokens" >> beam.Map(lambda r: ("reject", r)),
+             read.stats | "TagReadStats" >> beam.Map(lambda d: ("stats", d)),
+             packed.stats | "TagPackStats" >> beam.Map(lambda d: ("stats", d))]
+    index = parts | "Flatten" >> beam.Flatten() | "WriteIndex" >> WriteIndex(config, info, inputs)
+    return {"records": read.records, "docs": clean.docs, "rejects": (clean.rejects, tok.rejects),
+            "sequences": packed.sequences, "entries": entries, "index": index}
