@@ -109,7 +109,7 @@ def _stack(parts, batch_size: int, epoch: int, static_copies: int) -> dict:
         k = epoch % static_copies
         selected = torch.from_numpy(cat(lambda b: b.static_selected[:, k]))  # (B, L) bool
         inputs = torch.from_numpy(cat(lambda b: b.static_inputs[:, k]))  # (B, L) int64
-        out["input_ids"], out["labels"] = masking.static_copy(out["tokens"], selected, inputs)
+        out["input_ids"], out["labels"] = masking.static_copy(out.pop("tokens"), selected, inputs)
     else:
         out["word_starts"] = torch.from_numpy(cat(lambda b: b.word_starts))  # (B, L) bool
     return out
