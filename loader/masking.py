@@ -161,7 +161,10 @@ def _tables(vocab: Vocab, device) -> tuple[Tensor, Tensor]:
 
 def _eligible(tokens: Tensor, lengths: Tensor, vocab: Vocab) -> Tensor:
     """(B, L) bool: real positions that hold no special token."""
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab.size):
+    # NOTE: checked on the CPU only: on a GPU the check would stall the stream every batch, and the shard
+    # reader has already checked every id against the vocabulary (loader.format.decode_block).
+    if tokens.device.type == "cpu" and tokens.numel() and (int(tokens.min()) < 0 or
+                                                          int(tokens.max()) >= vocab.size):
         raise ValueError(f"token ids outside [0, {vocab.size}): the shards do not match this vocabulary")
     real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
     special = _tables(vocab, tokens.device)[0].index_select(0, tokens.view(-1)).view(tokens.shape)
@@ -217,7 +220,7 @@ def select(tokens: Tensor, word_starts: Tensor, lengths: Tensor, keys: Tensor, *
     target = torch.where(n > 0, target.clamp(min=1), target)
     # unique integer scores (random bits, then position): no ties, no float compare across devices
     pos = torch.arange(L, device=tokens.device, dtype=torch.int64)
-    score = torch.where(starts, bits * L + pos, torch.full_like(bits, 1 << 62))
+    score = (bits * L + pos).masked_fill_(~starts, 1 << 62)
     # NOTE: every unit has >= 1 token, so no unit past rank max(target) + 1 can be taken: top-k, not a sort
     k = min(L, max(1, int(L * config.mask_prob + 0.5)) + 1)
     best, order = torch.topk(score, k, dim=1, largest=False, sorted=True)  # (B, k)
@@ -255,22 +258,37 @@ def mask_batch(tokens: Tensor, word_starts: Tensor, lengths: Tensor, uids: Tenso
     keys = sequence_keys(uids.to(device), seed=seed, epoch=epoch)
     selected = select(tokens, word_starts.to(device=device, dtype=torch.bool), lengths.to(device), keys,
                       config=config, vocab=vocab)
-    labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
-    # the 80/10/10 draw and the random ids are computed only at the selected positions (~15% of the batch)
+    labels = tokens.masked_fill(~selected, IGNORE_INDEX)
+    # NOTE: dense on accelerators (no nonzero(), so no host sync), sparse on the CPU; the bits are the same
+    dense = tokens.device.type != "cpu"
+    return _corrupt(tokens, selected, keys, config=config, vocab=vocab, dense=dense), labels
+
+
+def _corrupt(tokens: Tensor, selected: Tensor, keys: Tensor, *, config: MaskingConfig, vocab: Vocab,
+             dense: bool) -> Tensor:
+    """The 80/10/10 rule at the selected positions: mask token, random non-special token, or unchanged."""
     L = tokens.shape[1]
+    regular = _tables(vocab, tokens.device)[1]
+    keep_below = _threshold(config.mask_token_frac + config.random_token_frac)
+    mask_below = _threshold(config.mask_token_frac)
+    if dense:
+        bits = keyed_bits(keys, L, stream=1)
+        action = bits >> 8
+        random_ids = regular[(_rehash(bits) * regular.numel()) >> 32]
+        inputs = torch.where(selected & (action < keep_below), random_ids, tokens)
+        return inputs.masked_fill(selected & (action < mask_below), vocab.mask_id)
+    # sparse: only the selected positions (~15% of the batch) are hashed
     rows, cols = torch.nonzero(selected).unbind(1)  # (S,) each
     flat = rows * L + cols
     bits = keyed_bits_at(keys, rows, cols, L, stream=1)
     action = bits >> 8
-    regular = _tables(vocab, device)[1]
     pick = (_rehash(bits) * regular.numel()) >> 32  # uniform in [0, V')
-    replaced = torch.where(action < _threshold(config.mask_token_frac + config.random_token_frac),
-                           regular.index_select(0, pick), tokens.view(-1).index_select(0, flat))
-    replaced = torch.where(action < _threshold(config.mask_token_frac),
-                           torch.full_like(replaced, vocab.mask_id), replaced)
+    replaced = torch.where(action < keep_below, regular.index_select(0, pick),
+                           tokens.view(-1).index_select(0, flat))
+    replaced = replaced.masked_fill(action < mask_below, vocab.mask_id)
     inputs = tokens.clone()
     inputs.view(-1).index_copy_(0, flat, replaced)
-    return inputs, labels
+    return inputs
 
 
 def static_masks(tokens: Tensor, word_starts: Tensor, lengths: Tensor, uids: Tensor, *, seed: int, copies: int,

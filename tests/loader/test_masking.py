@@ -221,3 +221,15 @@ def test_cpu_and_gpu_masks_are_bit_identical(bert_batch, selection, count):
     gpu = mask_batch(tokens.cuda(), ws.cuda(), lengths.cuda(), uids.cuda(), seed=1, epoch=4, config=config,
                      vocab=vocab)
     assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+
+
+def test_dense_and_sparse_corruption_paths_agree(bert_batch):
+    # the GPU takes the dense path, the CPU the sparse one: they must give the same inputs
+    from loader.masking import _corrupt
+    tokens, ws, vocab = bert_batch
+    tokens, ws, uids, lengths = tokens[:500], ws[:500], _uids(500), torch.full((500,), SEQ_LEN)
+    keys = sequence_keys(uids, seed=2, epoch=7)
+    selected = select(tokens, ws, lengths, keys, config=MaskingConfig(), vocab=vocab)
+    dense = _corrupt(tokens, selected, keys, config=MaskingConfig(), vocab=vocab, dense=True)
+    sparse = _corrupt(tokens, selected, keys, config=MaskingConfig(), vocab=vocab, dense=False)
+    assert torch.equal(dense, sparse)
