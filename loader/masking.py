@@ -223,7 +223,9 @@ def select(tokens: Tensor, word_starts: Tensor, lengths: Tensor, keys: Tensor, *
     score = (bits * L + pos).masked_fill_(~starts, 1 << 62)
     # NOTE: every unit has >= 1 token, so no unit past rank max(target) + 1 can be taken: top-k, not a sort
     k = min(L, max(1, int(L * config.mask_prob + 0.5)) + 1)
-    best, order = torch.topk(score, k, dim=1, largest=False, sorted=True)  # (B, k)
+    best, order = torch.topk(score, k, dim=1, largest=False, sorted=False)  # (B, k)
+    best, perm = torch.sort(best, dim=1)  # sorting k values afterwards is cheaper than a sorted top-k
+    order = order.gather(1, perm)
     if config.selection == "token":
         kth = best.gather(1, (target - 1).clamp(min=0)[:, None])
         return starts & (score <= kth) & (target > 0)[:, None]
