@@ -109,12 +109,16 @@ class PipelineConfig:
                 "masking": self.masking.to_dict()}
 
     def data_hash(self) -> bytes:
-        """16 bytes that change whenever the output bytes would; keys the uids."""
-        d = self.to_dict()
-        d["tokenize"].pop("tokenizer")   # the file's sha256 counts, not where it lies
-        d["shard"].pop("output")
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.blake2b(blob, digest_size=16).digest()
+        return data_hash(self.to_dict())
+
+
+def data_hash(config: dict) -> bytes:
+    """16 bytes that change whenever the output bytes would; keys the uids. config: PipelineConfig.to_dict()."""
+    d = json.loads(json.dumps(config))
+    d["tokenize"].pop("tokenizer")   # the file's sha256 counts, not where it lies
+    d["shard"].pop("output")
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(blob, digest_size=16).digest()
 
 
 def config_from_args(args) -> PipelineConfig:

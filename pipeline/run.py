@@ -70,7 +70,8 @@ def pipeline_options(beam_args: list[str]):
                          "multi_processing (the default here) or in_memory")
     if not any(a.startswith("--direct_running_mode") for a in beam_args):
         direct.direct_running_mode = "multi_processing"
-    if not any(a.startswith("--direct_num_workers") for a in beam_args):
+    if direct.direct_running_mode == "multi_processing" and \
+            not any(a.startswith("--direct_num_workers") for a in beam_args):
         direct.direct_num_workers = len(os.sched_getaffinity(0))
     return options, local_runner(options)
 

@@ -95,6 +95,7 @@ def write_shard(output: str, shard: int, batches: list[SeqBatch], *, shard_cfg, 
     seqs = SeqBatch.concat(batches)
     seqs = seqs.take(shard_order(seqs.uids))
     if is_local(output):
+        os.makedirs(join(output), exist_ok=True)
         writer = fmt.ShardWriter.create(join(output), shard, vocab_size=info.vocab_size)
         stream = None
     else:

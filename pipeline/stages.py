@@ -1,4 +1,4 @@
-"""The Beam job's stages: one named PTransform each; expand() only wires, the record logic is elsewhere.
+r"""The Beam job's stages: one named PTransform each; expand() only wires, the record logic is elsewhere.
 
     ReadDocuments -> Clean -> Tokenize -> Pack -> AssignShards -> WriteShards -> WriteIndex
          \ counts     \ rejects  \ rejects  \ counts                     entries /  (rejects.jsonl, index.json)
