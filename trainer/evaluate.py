@@ -1,0 +1,176 @@
+"""Held-out evaluation under a fixed mask, the unigram baseline, and fill-mask predictions from a run folder.
+
+`maskstream evaluate --run RUN --data DIR` and `maskstream fill-mask --run RUN "text with [MASK]"`.
+The evaluation mask is the masking rule at (EVAL_SEED, epoch 0): every run, every checkpoint and every
+masking mode is scored on the same positions, so the numbers compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from loader.stream import LoaderConfig, MLMLoader
+from trainer import checkpoint
+from trainer.model import IGNORE_INDEX, MLMEncoder, ModelConfig
+
+EVAL_SEED = 20190726  # fixed: the evaluation mask never depends on the training seed
+
+
+def eval_loader(data: str, *, batch_size: int, rank: int = 0, world: int = 1, device: str = "cpu") -> MLMLoader:
+    """A loader whose masks are the fixed evaluation mask: the rule at (EVAL_SEED, epoch 0) for a dynamic
+    dataset, stored copy 0 for a static one."""
+    # NOTE: remainder "wrap" so every held-out sequence is scored; the few wrapped ones count twice.
+    cfg = LoaderConfig(batch_size=batch_size, seed=EVAL_SEED, num_workers=0, remainder="wrap")
+    return MLMLoader(data, cfg, rank=rank, world_size=world, device=device)
+
+
+@torch.no_grad()
+def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, world: int = 1,
+             max_batches: int = 0) -> dict:
+    """Held-out MLM loss (nats), masked-token accuracy, perplexity and the number of predictions."""
+    was_training = model.training
+    model.eval()
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    loader.set_epoch(0)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, predictions
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        with amp:
+            logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
+        sums[0] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+        sums[1] += (logits.argmax(dim=-1) == targets).sum()
+        sums[2] += targets.numel()
+    if world > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    model.train(was_training)
+    loss_sum, correct, n = sums.tolist()
+    if n == 0:
+        raise ValueError("the held-out set produced no predictions; give it more sequences")
+    loss = loss_sum / n
+    return {"loss": loss, "accuracy": correct / n, "perplexity": math.exp(min(loss, 50.0)), "predictions": int(n)}
+
+
+@torch.no_grad()
+def token_counts(loader: MLMLoader, vocab_size: int, special_ids) -> torch.Tensor:
+    """(V,) int64 counts of the non-special tokens in one epoch of a loader (original ids, not masked ones)."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    loader.set_epoch(0)
+    for batch in loader:
+        labels, ids = batch["labels"].cpu(), batch["input_ids"].cpu()
+        original = torch.where(labels != IGNORE_INDEX, labels, ids)[batch["attention_mask"].cpu()]
+        counts += torch.bincount(original, minlength=vocab_size)
+    counts[list(special_ids)] = 0
+    return counts
+
+
+@torch.no_grad()
+def unigram_baseline(train_loader: MLMLoader, held_out: MLMLoader) -> dict:
+    """Scores of a model that ignores context: always the most frequent training token (accuracy), and the
+    training unigram distribution (loss), on the held-out fixed-mask positions."""
+    vocab = train_loader.vocab
+    counts = token_counts(train_loader, vocab.size, vocab.special_ids)
+    top = int(counts.argmax())
+    logp = torch.log((counts.double() + 0.5) / (counts.sum() + 0.5 * vocab.size))  # add-half smoothing
+    held_out.set_epoch(0)
+    correct = n = 0
+    loss_sum = 0.0
+    for batch in held_out:
+        targets = batch["labels"][batch["labels"] != IGNORE_INDEX].cpu()
+        correct += int((targets == top).sum())
+        loss_sum -= float(logp[targets].sum())
+        n += targets.numel()
+    return {"token_id": top, "accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "predictions": n}
+
+
+def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[MLMEncoder, dict]:
+    """The run's latest model (eval mode) and its config.json."""
+    run_dir = Path(run_dir)
+    path = checkpoint.latest(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint (ckpt-*.pt); train first with "
+                                f"`maskstream train --out {run_dir} ...`")
+    ckpt = checkpoint.load(path)
+    model = MLMEncoder(ModelConfig.from_dict(ckpt["config"]["model"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt["config"]
+
+
+def load_tokenizer(run_dir: str | Path):
+    from tokenizers import Tokenizer
+
+    path = Path(run_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the dataset had no tokenizer.json beside index.json; "
+                                "copy the tokenizer the Beam job used into the run folder")
+    return Tokenizer.from_file(str(path))
+
+
+@torch.no_grad()
+def fill_mask(model: MLMEncoder, tokenizer, vocab: dict, text: str, *, top_k: int = 5) -> list[list[tuple]]:
+    """For each [MASK] in text, the top_k (token, probability) predictions."""
+    mask_token = tokenizer.id_to_token(vocab["mask_id"])
+    ids = tokenizer.encode(text.replace("[MASK]", mask_token)).ids[: model.config.max_len]
+    input_ids = torch.tensor([ids], device=next(model.parameters()).device)
+    where = (input_ids[0] == vocab["mask_id"]).nonzero().squeeze(1)
+    if where.numel() == 0:
+        raise ValueError(f"no {mask_token} in {text!r}; write [MASK] where a word should be predicted")
+    logits, _ = model(input_ids, torch.ones_like(input_ids, dtype=torch.bool))
+    probs = logits[0, where].float().softmax(dim=-1)  # (M, V)
+    special = torch.tensor(vocab["special_ids"], device=probs.device)
+    probs[:, special] = 0.0  # a special token is never a word
+    top = probs.topk(top_k, dim=-1)
+    return [[(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(ps, is_)]
+            for ps, is_ in zip(top.values, top.indices)]
+
+
+def format_predictions(text: str, predictions: list[list[tuple]]) -> str:
+    lines = [text]
+    for n, preds in enumerate(predictions, 1):
+        lines.append(f"  [MASK] {n}: " + "  ".join(f"{tok} ({p:.2f})" for tok, p in preds))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="maskstream evaluate", description="held-out MLM loss and accuracy of a run "
+                                "under the fixed evaluation mask")
+    p.add_argument("--run", required=True, help="run folder written by `maskstream train`")
+    p.add_argument("--data", required=True, help="held-out shard folder")
+    p.add_argument("--baseline-data", default=None, help="training shards: also score the unigram baseline")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    model, _ = load_run(a.run, device=a.device)
+    held_out = eval_loader(a.data, batch_size=a.batch_size, device=a.device)
+    result = {"run": a.run, "data": a.data, **evaluate(model, held_out, device=torch.device(a.device))}
+    if a.baseline_data:
+        train = MLMLoader(a.baseline_data, LoaderConfig(batch_size=a.batch_size, remainder="wrap"),
+                          device=a.device)
+        result["unigram"] = unigram_baseline(train, held_out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def fill_mask_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="maskstream fill-mask", description="predict the [MASK] words of a sentence")
+    p.add_argument("--run", required=True, help="run folder written by `maskstream train`")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("text", nargs="+", help='one or more sentences, e.g. "the [MASK] of the union"')
+    a = p.parse_args(argv)
+    model, config = load_run(a.run)
+    tokenizer = load_tokenizer(a.run)
+    for text in a.text:
+        print(format_predictions(text, fill_mask(model, tokenizer, config["vocab"], text, top_k=a.top_k)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""`maskstream train` / `torchrun -m trainer`: the MLM training loop — parse, build, train, close.
+
+One TrainConfig built from the flags; the loader streams masked batches onto the device; AdamW with warm-up
+and decay, clipping, accumulation, bf16 autocast on GPU, DDP under torchrun. Writes RUN/config.json,
+RUN/metrics.jsonl, RUN/loss.png and atomic checkpoints that resume exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from loader.stream import LoaderConfig, MLMLoader
+from trainer import checkpoint, evaluate
+from trainer.model import PRESETS, MLMEncoder, preset
+
+DECAYS = {
+    "linear": lambda t: 1.0 - t,
+    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
+    "constant": lambda t: 1.0,
+}
+MASKINGS = ("dataset", "dynamic", "static")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything the loop needs, recorded whole in RUN/config.json and in every checkpoint."""
+    data: str
+    out: str
+    model_size: str = "tiny"
+    max_steps: int = 0             # optimizer steps; 0 = derive from epochs
+    epochs: float = 0.0
+    batch_size: int = 32           # sequences per micro-batch per rank
+    seed: int = 0
+    eval_data: str | None = None
+    masking: str = "dataset"       # dataset (its index.json) | dynamic (fresh every epoch) | static (stored K copies)
+    device: str = "auto"
+    lr: float = 1e-3
+    warmup: int = -1               # steps; -1 = 6% of the run (RoBERTa)
+    decay: str = "linear"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_accum: int = 1
+    clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0            # 0 = evaluate once, at the end
+    eval_batches: int = 0          # 0 = the whole held-out set
+    save_every: int = 0            # 0 = save once, at the end
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    dropout: float = -1.0          # -1 = the preset's
+    compile: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.model_size not in PRESETS:
+            raise ValueError(f"--model-size {self.model_size!r}; choose one of {', '.join(PRESETS)}")
+        if (self.max_steps > 0) == (self.epochs > 0):
+            raise ValueError(f"give exactly one of --max-steps (got {self.max_steps}) and --epochs "
+                             f"(got {self.epochs}), e.g. --max-steps 1000")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"--masking {self.masking!r}; choose one of {MASKINGS}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"--decay {self.decay!r}; choose one of {', '.join(DECAYS)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device {self.device!r}; choose auto, cpu or cuda")
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.lr <= 0 or self.clip < 0:
+            raise ValueError(f"--lr {self.lr} must be > 0 and --clip {self.clip} >= 0 (0 disables clipping)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="maskstream train", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="shard folder or URL prefix holding index.json")
+    p.add_argument("--out", required=True, help="run folder: config, metrics, plot, checkpoints")
+    p.add_argument("--model-size", default="tiny", choices=list(PRESETS))
+    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--epochs", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-data", default=None, help="held-out shard folder, evaluated under a fixed mask")
+    p.add_argument("--masking", default="dataset", choices=MASKINGS)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default: 6%% of the run)")
+    p.add_argument("--decay", default="linear", choices=list(DECAYS))
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--eval-batches", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=-1.0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+    try:
+        return TrainConfig(**vars(a))
+    except ValueError as e:
+        p.error(str(e))
+
+
+# ---- build -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """The runtime objects of one training run (not config: rank, device and the live modules)."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    loader: MLMLoader
+    model: torch.nn.Module     # DDP-wrapped / compiled as trained
+    raw_model: MLMEncoder      # the module whose state_dict is saved
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    eval_loader: MLMLoader | None
+    step: int = 0
+
+
+def init_distributed(device_flag: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun."""
+    want_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no CUDA device; use --device cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(device_flag if ":" in device_flag else f"cuda:{local}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    warmup = cfg.warmup if cfg.warmup >= 0 else int(0.06 * total)
+    decay = DECAYS[cfg.decay]
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay(t)
+    return f
+
+
+def check_masking(cfg: TrainConfig, index: dict) -> None:
+    """--masking states what the run expects; the dataset decides (static masks live in the shards)."""
+    mode = index["masking"]["mode"]
+    if cfg.masking != "dataset" and cfg.masking != mode:
+        fix = ("preprocess with `maskstream preprocess --masking static --static-copies K`"
+               if cfg.masking == "static" else "preprocess with `maskstream preprocess --masking dynamic`")
+        raise ValueError(f"--masking {cfg.masking} but {cfg.data} holds {mode} masks; {fix}, "
+                         "or pass --masking dataset")
+
+
+def build(cfg: TrainConfig) -> Run:
+    rank, world, device = init_distributed(cfg.device)
+    loader = MLMLoader(cfg.data, LoaderConfig(batch_size=cfg.batch_size, seed=cfg.seed,
+                                              num_workers=cfg.num_workers),
+                       rank=rank, world_size=world, device=str(device))
+    check_masking(cfg, loader.index)
+    vocab = loader.vocab
+    overrides = {} if cfg.dropout < 0 else {"dropout": cfg.dropout}
+    model_cfg = preset(cfg.model_size, vocab_size=vocab.size, max_len=loader.seq_len, pad_id=vocab.pad_id,
+                       **overrides)
+    torch.manual_seed(cfg.seed)  # the initial weights: the same on every rank
+    raw = MLMEncoder(model_cfg).to(device)
+    torch.manual_seed(cfg.seed * 1000 + rank)  # dropout: a different stream per rank, saved in checkpoints
+    decay = [p for p in raw.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+    per_epoch = loader.batches_per_epoch // cfg.grad_accum
+    if per_epoch < 1 and cfg.epochs > 0:
+        raise ValueError(f"{loader.batches_per_epoch} batches per epoch < --grad-accum {cfg.grad_accum}")
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    model = raw
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_loader = None
+    if cfg.eval_data:
+        eval_loader = evaluate.eval_loader(cfg.eval_data, batch_size=cfg.batch_size, rank=rank, world=world,
+                                           device=str(device))
+    run = Run(cfg=cfg, rank=rank, world=world, device=device, loader=loader, model=model, raw_model=raw,
+              optimizer=optimizer, scheduler=scheduler, total_steps=total, eval_loader=eval_loader)
+    out = Path(cfg.out)
+    if cfg.resume:
+        run.step = checkpoint.resume(run)
+    elif rank == 0 and checkpoint.latest(out) is not None:
+        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue it, "
+                              "or choose a new --out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_run_config(run)
+        checkpoint.truncate_metrics(out / "metrics.jsonl", run.step)
+    return run
+
+
+# ---- train -----------------------------------------------------------------------------------------------
+
+def batches(loader: MLMLoader):
+    """Endless stream of batches across epochs (the loader moves to the next epoch after each pass)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty and loader.batches_per_epoch == 0:
+            raise RuntimeError("the dataset gives 0 batches per rank; lower --batch-size or add data")
+
+
+def all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x = x / world
+    return x
+
+
+def log_line(run: Run, record: dict) -> None:
+    if run.rank == 0:
+        with open(Path(run.cfg.out) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(run: Run, *, stop_at: int = 0) -> dict:
+    """Optimizer steps until total_steps (or stop_at, to simulate an interruption); returns the last
+    evaluation (or {})."""
+    from tqdm import tqdm
+
+    cfg, device = run.cfg, run.device
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    stream = batches(run.loader)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=run.rank != 0 or not cfg.progress)
+    loss_sum = torch.zeros((), device=device)
+    tokens, t0, last_eval = 0, time.perf_counter(), {}
+    run.model.train()
+    while run.step < run.total_steps:
+        for micro in range(cfg.grad_accum):
+            # NOTE: torch's DataLoader draws a seed from the global RNG whenever an iterator starts (every
+            # epoch, and on resume); isolate that draw so the dropout stream stays identical across a resume.
+            with torch.random.fork_rng(devices=[]):
+                batch = next(stream)
+            sync = micro == cfg.grad_accum - 1 or run.world == 1
+            ctx = run.model.no_sync() if not sync else _nullcontext()
+            with ctx, amp:
+                _, loss = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+            tokens += batch["input_ids"].numel() * run.world
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.clip)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        run.step += 1
+        if run.step % cfg.log_every == 0 or run.step == run.total_steps:
+            n = cfg.log_every if run.step % cfg.log_every == 0 else run.step % cfg.log_every
+            loss = all_mean(loss_sum, run.world).item() / n
+            dt = time.perf_counter() - t0
+            record = {"step": run.step, "epoch": round(epoch_of(run), 4), "loss": loss,
+                      "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / dt, 1)}
+            log_line(run, record)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / dt:,.0f}", epoch=f"{record['epoch']:.2f}")
+            loss_sum.zero_()
+            tokens, t0 = 0, time.perf_counter()
+        bar.update(1)
+        done = run.step == run.total_steps
+        if run.eval_loader is not None and (done or (cfg.eval_every and run.step % cfg.eval_every == 0)):
+            last_eval = evaluate.evaluate(run.raw_model, run.eval_loader, device=device, world=run.world,
+                                          max_batches=cfg.eval_batches)
+            log_line(run, {"step": run.step, "epoch": round(epoch_of(run), 4),
+                           **{f"eval_{k}": v for k, v in last_eval.items()}})
+            bar.write(f"step {run.step}: held-out loss {last_eval['loss']:.3f}  "
+                      f"accuracy {last_eval['accuracy']:.3f}  perplexity {last_eval['perplexity']:.1f}")
+            run.model.train()
+            t0 = time.perf_counter()
+        if done or (cfg.save_every and run.step % cfg.save_every == 0):
+            checkpoint.save(run)
+            t0 = time.perf_counter()
+        if run.step == stop_at:
+            break
+    bar.close()
+    return last_eval
+
+
+def epoch_of(run: Run) -> float:
+    """Fractional epochs of data consumed."""
+    per_epoch = max(1, run.loader.batches_per_epoch)
+    return run.step * run.cfg.grad_accum / per_epoch
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def check_replicas(run: Run) -> None:
+    """DDP must keep every rank's weights bit-identical; compare per-tensor checksums across ranks."""
+    digest = [(float(p.detach().double().sum()), float(p.detach().double().square().sum()))
+              for p in run.raw_model.parameters()]
+    gathered = [None] * run.world
+    dist.all_gather_object(gathered, digest)
+    identical = all(g == gathered[0] for g in gathered)
+    log_line(run, {"step": run.step, "replicas_identical": identical})
+    if not identical:
+        raise RuntimeError("DDP replicas diverged: the ranks hold different weights")
+
+
+def close(run: Run) -> None:
+    if run.world > 1:
+        check_replicas(run)
+    if run.rank == 0:
+        checkpoint.plot(Path(run.cfg.out))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
+    run = build(cfg)
+    try:
+        train(run)
+    finally:
+        close(run)
+    return 0
