@@ -9,10 +9,11 @@ RUN/
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,20 +129,26 @@ def write_run_config(run: "Run") -> None:
     tmp = out / ".config.json.tmp"
     tmp.write_text(json.dumps(run_config(run), indent=2))
     os.replace(tmp, out / "config.json")
-    src = tokenizer_source(run.cfg.data, run.loader.index)
-    if src is not None and not (out / "tokenizer.json").exists():
-        shutil.copyfile(src, out / "tokenizer.json")
+    src = Path(run.cfg.tokenizer) if run.cfg.tokenizer else tokenizer_source(run.cfg.data, run.loader.index)
+    if src is None:
+        print(f"note: {run.cfg.data} has no tokenizer.json; pass --tokenizer FILE so fill-mask can use this run",
+              file=sys.stderr)
+        return
+    data = src.read_bytes()
+    want = (run.loader.index.get("tokenizer") or {}).get("sha256", "")
+    if len(want) == 64 and hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(f"{src} is not the tokenizer {run.cfg.data} was made with (sha256 differs from "
+                         "index.json); pass the tokenizer.json given to `maskstream preprocess`")
+    (out / "tokenizer.json").write_bytes(data)
 
 
 def tokenizer_source(data: str, index: dict) -> Path | None:
-    """The dataset's tokenizer file: DIR/tokenizer.json, else the path index.json records (local only)."""
+    """DIR/tokenizer.json (the demo keeps it beside the shards), else the local file index.json names."""
     local = Path(data) / "tokenizer.json"
     if local.is_file():
         return local
-    recorded = (index.get("tokenizer") or {}).get("path")
-    if recorded and Path(recorded).is_file():
-        return Path(recorded)
-    return None
+    recorded = ((index.get("config") or {}).get("tokenize") or {}).get("tokenizer")
+    return Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
 
 
 def truncate_metrics(path: Path, step: int) -> None:

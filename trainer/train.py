@@ -43,6 +43,7 @@ class TrainConfig:
     batch_size: int = 32           # sequences per micro-batch per rank
     seed: int = 0
     eval_data: str | None = None
+    tokenizer: str | None = None   # tokenizer.json, copied into the run for fill-mask (default: DIR/tokenizer.json)
     masking: str = "dataset"       # dataset (its index.json) | dynamic (fresh every epoch) | static (stored K copies)
     device: str = "auto"
     lr: float = 1e-3
@@ -96,6 +97,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-data", default=None, help="held-out shard folder, evaluated under a fixed mask")
+    p.add_argument("--tokenizer", default=None, help="the dataset's tokenizer.json, copied into the run for "
+                   "fill-mask (default: DIR/tokenizer.json when the dataset has one)")
     p.add_argument("--masking", default="dataset", choices=MASKINGS)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")

@@ -1,0 +1,19 @@
+"""`maskstream demo --quick` end to end: tokenizer, Beam job, training, evaluation and fill-mask."""
+import json
+
+from trainer import demo
+
+
+def test_quick_demo_runs_the_whole_chain_and_reports_against_the_unigram_baseline(tmp_path, capsys):
+    assert demo.main(["--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "unigram baseline" in out and "tiny encoder" in out and "fill-mask" in out
+    run = tmp_path / "demo" / "run"
+    figures = json.loads((run / "demo.json").read_text())
+    assert figures["model"]["predictions"] == figures["unigram"]["predictions"] > 0
+    assert (run / "loss.png").is_file() and (run / "tokenizer.json").is_file()
+    for name in ("train", "held_out"):
+        index = json.loads((tmp_path / "demo" / "shards" / name / "index.json").read_text())
+        assert index["counts"]["documents_written"] > 0
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses[-1] < losses[0]  # it learns
