@@ -70,7 +70,7 @@ class ShardConfig:
     """Where sequences go: shard count, block size, and static masks."""
     output: str                        # folder or URL prefix
     num_shards: int = 8
-    block_bytes: int = 128 * 1024      # token bytes per record (a block of sequences)
+    block_bytes: int = 256 * 1024      # token bytes per record (a block of sequences); tar overhead ~4 KiB each
     masking: str = "dynamic"           # "dynamic": the loader masks; "static": K masks stored per sequence
     static_copies: int = 0             # K (static only)
     seed: int = 0

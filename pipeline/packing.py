@@ -53,14 +53,40 @@ def word_starts_from_ids(word_ids: list) -> np.ndarray:
     return starts
 
 
-def tokenize_group(tok, docs: list[Doc]) -> tuple[list[TokDoc], list[Reject]]:
-    """Tokenize a group's documents in one batch; parts of an oversized document are joined back."""
+def word_start_table(tok) -> np.ndarray | None:
+    """(V,) bool: True for ids that begin a word, for WordPiece models (continuation pieces carry the "##"
+    prefix, and BertPreTokenizer makes each punctuation mark a word), so word starts equal those of the
+    encodings' word ids and the faster encode_batch_fast (no offsets) can be used. None for other models."""
+    import json
+    model = json.loads(tok.to_str()).get("model", {})
+    prefix = model.get("continuing_subword_prefix")
+    if model.get("type") != "WordPiece" or not prefix:
+        return None
+    table = np.ones(tok.get_vocab_size(with_added_tokens=True), dtype=bool)
+    for token, i in tok.get_vocab(with_added_tokens=False).items():
+        table[i] = not token.startswith(prefix)
+    for i in tok.get_added_tokens_decoder():
+        table[i] = True
+    return table
+
+
+def tokenize_group(tok, docs: list[Doc], table: np.ndarray | None = None) -> tuple[list[TokDoc], list[Reject]]:
+    """Tokenize a group's documents in one batch; parts of an oversized document are joined back.
+
+    With a word_start_table, encode_batch_fast and a table lookup; otherwise encode_batch and word ids."""
     docs = sorted(docs, key=lambda d: (d.position, d.part))
-    encodings = tok.encode_batch([d.text for d in docs], add_special_tokens=False)
+    texts = [d.text for d in docs]
     merged: dict[tuple[str, int], list] = {}
-    for doc, enc in zip(docs, encodings):
-        merged.setdefault((doc.source, doc.position), []).append(
-            (np.asarray(enc.ids, dtype=np.uint32), word_starts_from_ids(enc.word_ids)))
+    if table is None:
+        pieces = [(np.asarray(e.ids, dtype=np.uint32), word_starts_from_ids(e.word_ids))
+                  for e in tok.encode_batch(texts, add_special_tokens=False)]
+    else:
+        ids = [np.asarray(e.ids, dtype=np.uint32) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        pieces = [(i, table[i]) for i in ids]
+    for doc, (ids, starts) in zip(docs, pieces):
+        if len(starts):
+            starts[0] = True    # a part cut at whitespace begins with a word
+        merged.setdefault((doc.source, doc.position), []).append((ids, starts))
     out, rejects = [], []
     for (source, position), parts in merged.items():
         ids = np.concatenate([p[0] for p in parts])

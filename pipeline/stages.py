@@ -96,12 +96,13 @@ class _Tokenize(beam.DoFn):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         from pipeline.tokenizer import tokenizer_from_json
         self.tok = tokenizer_from_json(self.tokenizer_json)
+        self.table = packing.word_start_table(self.tok)   # WordPiece: encode_batch_fast + lookup
         self.progress = progress.Reporter()   # local runner only
 
     def process(self, element):
         key, docs = element
         docs = list(docs)
-        tokdocs, rejects = packing.tokenize_group(self.tok, docs)
+        tokdocs, rejects = packing.tokenize_group(self.tok, docs, self.table)
         self.progress.add(sum(len(d.text) for d in docs))
         for r in rejects:
             self.no_tokens.inc()

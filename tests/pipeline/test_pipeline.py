@@ -148,3 +148,24 @@ def test_oversized_documents_are_split_and_all_their_tokens_kept(tmp_path, bert_
 def test_multi_threading_mode_is_refused(tmp_path, bert_json, sotu_subset, job):
     with pytest.raises(SystemExit, match="multi_threading"):
         job([sotu_subset], bert_json, tmp_path / "o", "--direct_running_mode", "multi_threading")
+
+
+def test_cli_trains_a_bpe_tokenizer_then_preprocesses_parquet_with_it(sotu_subset, tmp_path):
+    import maskstream_cli
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = [json.loads(line)["text"] for line in sotu_subset.read_text().splitlines()]
+    pq.write_table(pa.table({"body": texts}), tmp_path / "sotu.parquet")
+    tok = tmp_path / "bpe.json"
+    assert maskstream_cli.main(["tokenizer", "train", "--input", str(tmp_path / "sotu.parquet"), "--text-field",
+                                "body", "--vocab-size", "800", "--kind", "bpe", "--out", str(tok)]) == 0
+    out = tmp_path / "out"
+    assert maskstream_cli.main(["preprocess", "--input", str(tmp_path / "sotu.parquet"), "--text-column", "body",
+                                "--tokenizer", str(tok), "--output", str(out), "--seq-len", "64", "--packing",
+                                "doc", "--direct_running_mode=in_memory", "--quiet"]) == 0
+    index = fmt.read_index((out / "index.json").read_bytes())
+    assert index["tokenizer"]["kind"] == "bpe" and index["tokenizer"]["vocab_size"] == 800
+    assert index["counts"]["documents_written"] == len(texts) and index["packing"] == "doc"
+    rows = read_all(out, index)
+    assert all(t[0] == index["tokenizer"]["cls_id"] and t[n - 1] == index["tokenizer"]["sep_id"]
+               for t, _, n, _, _ in rows.values())

@@ -176,3 +176,13 @@ def test_shard_placement_and_order_are_pure_functions_of_uids():
 def test_configs_refuse_bad_values_naming_the_fix(cls, kw, match):
     with pytest.raises(ValueError, match=match):
         cls(**kw)
+
+
+def test_wordpiece_table_word_starts_equal_those_of_word_ids(bert_json, sotu_texts):
+    tok, _, _ = load_tokenizer(str(bert_json))
+    table = packing.word_start_table(tok)
+    docs = [sources.Doc("f", i, 0, 0, t) for i, t in enumerate(sotu_texts[:6] + ["中文 x,y ##z [MASK] café"])]
+    fast, _ = packing.tokenize_group(tok, docs, table)
+    slow, _ = packing.tokenize_group(tok, docs, None)
+    for a, b in zip(fast, slow):
+        assert (a.ids == b.ids).all() and (a.word_starts == b.word_starts).all()

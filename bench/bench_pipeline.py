@@ -1,0 +1,143 @@
+"""Pipeline benchmark: the Beam job end to end against raw tokenizer passes over the same text, same run.
+
+For each corpus (the bundled SOTU corpus, SOTU x4 to show the rate once Beam's fixed start-up cost is spread,
+and every --corpus): text MB/s of
+  - `maskstream preprocess` end to end (a fresh process: imports, worker start-up, all stages, index.json),
+  - one `Tokenizer.encode_batch_fast` call over all documents (Rust threads on every core)   <- the anchor,
+  - a `multiprocessing.Pool` of single-threaded `encode_batch` workers, one per core;
+and the bytes per token of the shards written, and the peak RSS of the job's processes.
+"""
+from __future__ import annotations
+
+import gzip
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import Row, cpu_count
+
+ROOT = Path(__file__).resolve().parents[1]
+SOTU = ROOT / "data" / "sotu.jsonl.gz"
+TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "bert-base-uncased.json"
+
+
+def tokenizer_file(workdir: Path) -> Path:
+    """The shared BERT tokenizer, or one trained on SOTU when the shared data is not there."""
+    if TOKENIZER.exists():
+        return TOKENIZER
+    out = workdir / "wordpiece-sotu.json"
+    if not out.exists():
+        subprocess.run([sys.executable, "-m", "maskstream_cli", "tokenizer", "train", "--input", str(SOTU),
+                        "--vocab-size", "30000", "--out", str(out)], check=True, cwd=ROOT)
+    return out
+
+
+def read_texts(path: str) -> list[str]:
+    from pipeline.config import SourceConfig
+    from pipeline.sources import clean_record, expand_inputs, iter_raw_records
+    source = SourceConfig(inputs=(path,))
+    texts = []
+    for file, _ in expand_inputs([path]):
+        for raw in iter_raw_records(file, source):
+            out = clean_record(raw, source)
+            if isinstance(out, list):
+                texts.append("".join(d.text for d in out))
+    return texts
+
+
+_TOK = None
+
+
+def _init(tokenizer_path):
+    global _TOK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+    _TOK = Tokenizer.from_file(tokenizer_path)
+
+
+def _encode(texts) -> int:
+    return sum(len(e.ids) for e in _TOK.encode_batch(texts, add_special_tokens=False))
+
+
+def raw_fast(tokenizer_path: str, texts: list[str]) -> float:
+    """Seconds for one encode_batch_fast call over all texts (Rust threads)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(tokenizer_path)
+    tok.encode_batch_fast(texts[:8], add_special_tokens=False)   # warm the thread pool
+    t0 = time.perf_counter()
+    tok.encode_batch_fast(texts, add_special_tokens=False)
+    return time.perf_counter() - t0
+
+
+def pool_pass(tokenizer_path: str, texts: list[str], workers: int) -> float:
+    """Seconds for a multiprocessing.Pool tokenizing ~1 MB chunks with single-threaded encode_batch."""
+    chunks, cur, size = [], [], 0
+    for t in texts:
+        cur.append(t)
+        size += len(t)
+        if size >= 1 << 20:
+            chunks.append(cur)
+            cur, size = [], 0
+    chunks += [cur] if cur else []
+    ctx = mp.get_context("spawn")   # NOTE: no fork of a process whose Rust thread pool already started
+    with ctx.Pool(workers, initializer=_init, initargs=(tokenizer_path,)) as pool:
+        pool.map(_encode, [chunks[0][:1]] * workers)   # workers started and tokenizer loaded: not timed
+        t0 = time.perf_counter()
+        pool.map(_encode, chunks, chunksize=1)
+        return time.perf_counter() - t0
+
+
+def job(corpus: str, tokenizer_path: str, out: Path) -> tuple[float, dict, float]:
+    """(wall seconds, index, peak RSS MB of the job's processes) of `maskstream preprocess` in a fresh process."""
+    from loader.format import read_index
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipeline.run", "--input", corpus, "--tokenizer", tokenizer_path,
+                    "--output", str(out), "--quiet"], check=True, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    rss = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024.0
+    return seconds, read_index((out / "index.json").read_bytes()), rss
+
+
+def run(args) -> list[Row]:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="maskstream-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok = str(tokenizer_file(workdir))
+    corpora = [("sotu", str(SOTU))]
+    if not args.quick:
+        x4 = workdir / "sotu-x4.jsonl.gz"
+        with gzip.open(SOTU, "rb") as f:
+            data = f.read()
+        x4.write_bytes(gzip.compress(data * 4, compresslevel=1))
+        corpora.append(("sotu x4", str(x4)))
+    corpora += [(Path(c).name, c) for c in args.corpus or []]
+    rows = []
+    for name, corpus in corpora:
+        texts = read_texts(corpus)
+        mb = sum(len(t.encode()) for t in texts) / 1e6
+        fast = mb / raw_fast(tok, texts)
+        pool = mb / pool_pass(tok, texts, cpu_count())
+        out = workdir / f"shards-{name.replace(' ', '-')}"
+        seconds, index, rss = job(corpus, tok, out)
+        shard_bytes = sum(s["bytes"] for s in index["shards"])
+        bpt = shard_bytes / index["counts"]["tokens"]
+        print(f"[pipeline] {name}: {mb:.1f} MB text, {len(texts)} docs, {index['counts']['tokens']:,} tokens; "
+              f"job {seconds:.1f} s = {mb / seconds:.2f} MB/s; encode_batch_fast {fast:.2f} MB/s; "
+              f"Pool({cpu_count()}) {pool:.2f} MB/s; {bpt:.3f} bytes/token; peak RSS {rss:.0f} MB", flush=True)
+        rows += [
+            Row(area="pipeline", name=f"job end to end, {name}", value=mb / seconds, unit="MB/s",
+                anchor="encode_batch_fast", anchor_value=fast, target=">= 0.8x"),
+            Row(area="pipeline", name=f"Pool({cpu_count()}) encode_batch, {name}", value=pool, unit="MB/s",
+                anchor="encode_batch_fast", anchor_value=fast),
+            Row(area="pipeline", name=f"shard bytes/token, {name}", value=bpt, unit="bytes/token",
+                anchor="flat uint16 ids", anchor_value=2.0, target="<= 2.25", higher_is_better=False),
+            Row(area="pipeline", name=f"job peak RSS, {name}", value=rss, unit="MB", higher_is_better=False),
+        ]
+        shutil.rmtree(out, ignore_errors=True)
+    return rows

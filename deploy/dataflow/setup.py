@@ -1,0 +1,20 @@
+"""The Dataflow worker package: `pipeline` and `loader` with only what the Beam job needs on a worker.
+
+launch.sh copies this file beside the two packages into a staging folder and passes it as --setup_file, so
+workers install tokenizers and numpy but not the trainer's dependencies. torch is needed on workers only for
+`--masking static`: use the container image (Dockerfile) for that, or pass MASKSTREAM_WORKER_TORCH=1.
+"""
+import os
+
+import setuptools
+
+requires = ["tokenizers>=0.19,<0.24", "numpy>=1.26", "pyarrow>=14"]
+if os.environ.get("MASKSTREAM_WORKER_TORCH") == "1":
+    requires.append("torch==2.13.0")
+
+setuptools.setup(
+    name="maskstream-dataflow-worker",
+    version="0.1.0",
+    packages=["pipeline", "loader"],
+    install_requires=requires,
+)
