@@ -214,7 +214,10 @@ class ShardWriter:
 
     def close(self) -> dict:
         """Finish the tar, rename it into place (local mode) and return the shard's index entry."""
-        self._tar.close()
+        # NOTE: the end-of-archive marker (two zero blocks) is written here rather than by tarfile.close(),
+        # which would also pad the file to a multiple of 10 KiB: dead bytes in every shard.
+        self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self._tar.closed = True
         self._out.raw.flush()
         if self._final_path:
             os.fsync(self._out.raw.fileno())

@@ -7,77 +7,14 @@ No global RNG, no I/O, no Python loop over sequences.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from loader.maskconfig import COUNTS, IGNORE_INDEX, SELECTIONS, MaskingConfig, Vocab  # noqa: F401 (re-exported)
+
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9  # offsets keep 0 (a fixed point of the hash) out of every input
 _MIX = 0x45D9F3B  # < 2**31: a product with a 32-bit value stays below 2**63, so int64 never overflows
-
-SELECTIONS = ("token", "word", "span")
-COUNTS = ("exact", "bernoulli")
-
-
-@dataclass(frozen=True, kw_only=True)
-class MaskingConfig:
-    """What to select and how to corrupt it; the same config gives the same masks everywhere."""
-    mask_prob: float = 0.15
-    mask_token_frac: float = 0.8    # of the selected: replaced by the mask token
-    random_token_frac: float = 0.1  # of the selected: replaced by a random non-special token; the rest unchanged
-    selection: str = "token"        # token | word (whole word) | span (SpanBERT, whole-word aligned)
-    count: str = "exact"            # exact: round(p*n) per sequence (at least 1) | bernoulli: each unit with p
-    span_p: float = 0.2             # span lengths in words ~ Geometric(span_p) ...
-    span_max: int = 10              # ... cut at span_max
-
-    def __post_init__(self):
-        if not 0.0 < self.mask_prob < 1.0:
-            raise ValueError(f"mask_prob={self.mask_prob} must be in (0, 1), e.g. 0.15")
-        if self.mask_token_frac < 0 or self.random_token_frac < 0 or \
-                self.mask_token_frac + self.random_token_frac > 1.0:
-            raise ValueError(f"mask_token_frac={self.mask_token_frac} and random_token_frac="
-                             f"{self.random_token_frac} must be >= 0 and sum to <= 1 (BERT: 0.8 and 0.1)")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection={self.selection!r}; choose one of {SELECTIONS}")
-        if self.count not in COUNTS:
-            raise ValueError(f"count={self.count!r}; choose one of {COUNTS}")
-        if not 0.0 < self.span_p <= 1.0 or self.span_max < 1:
-            raise ValueError(f"span_p={self.span_p} must be in (0, 1] and span_max={self.span_max} >= 1")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MaskingConfig":
-        return cls(**d)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Vocab:
-    """The token facts masking needs, read from the tokenizer or index.json."""
-    size: int
-    pad_id: int
-    mask_id: int
-    special_ids: tuple[int, ...]
-
-    def __post_init__(self):
-        object.__setattr__(self, "special_ids", tuple(sorted(set(int(i) for i in self.special_ids))))
-        for name in ("pad_id", "mask_id"):
-            if not 0 <= getattr(self, name) < self.size:
-                raise ValueError(f"{name}={getattr(self, name)} outside the vocabulary of size {self.size}")
-        if len(self.special_ids) >= self.size:
-            raise ValueError("every token is special: nothing left to mask or to draw random replacements from")
-
-    def to_dict(self) -> dict:
-        return {"size": self.size, "pad_id": self.pad_id, "mask_id": self.mask_id,
-                "special_ids": list(self.special_ids)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Vocab":
-        return cls(size=d["size"], pad_id=d["pad_id"], mask_id=d["mask_id"], special_ids=tuple(d["special_ids"]))
 
 
 # ---- the counter-based generator --------------------------------------------------------------------------

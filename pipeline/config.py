@@ -101,7 +101,7 @@ class PipelineConfig:
     tokenize: TokenizeConfig
     pack: PackConfig
     shard: ShardConfig
-    masking: "MaskingConfig"          # loader.masking; imported lazily so workers skip torch in dynamic mode
+    masking: "MaskingConfig"          # loader.maskconfig (torch-free), so workers skip torch in dynamic mode
 
     def to_dict(self) -> dict:
         return {"source": dataclasses.asdict(self.source), "tokenize": dataclasses.asdict(self.tokenize),
@@ -123,7 +123,7 @@ def data_hash(config: dict) -> bytes:
 
 def config_from_args(args) -> PipelineConfig:
     """The one place where CLI flags become configs (pipeline/run.py's argparse namespace)."""
-    from loader.masking import MaskingConfig
+    from loader.maskconfig import MaskingConfig
     selection = "word" if args.whole_word else args.selection
     masking = MaskingConfig(mask_prob=args.mask_prob, selection=selection)
     return PipelineConfig(

@@ -5,7 +5,7 @@ train:   WordPiece BERT-style (lowercase, accents stripped, CJK characters split
          through the pipeline's own readers, with a byte budget (--sample-bytes) for large corpora.
 convert: a GPT-2 vocab.json + merges.txt pair to one tokenizer.json with the RoBERTa specials added.
 load_tokenizer(): the tokenizers.Tokenizer plus TokenizerInfo (ids of pad/mask/cls/sep, the [CLS] .. [SEP]
-         wrapping of its post-processor, all special ids, kind, sha256) -> loader.masking.Vocab.
+         wrapping of its post-processor, all special ids, kind, sha256) -> loader.maskconfig.Vocab.
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ class TokenizerInfo:
     special_ids: tuple[int, ...]
 
     def vocab(self):
-        """loader.masking.Vocab (imported here: torch is only needed for static masks)."""
-        from loader.masking import Vocab
+        """loader.maskconfig.Vocab, the facts the masking rule needs."""
+        from loader.maskconfig import Vocab
         return Vocab(size=self.vocab_size, pad_id=self.pad_id, mask_id=self.mask_id,
                      special_ids=self.special_ids)
 

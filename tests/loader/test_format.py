@@ -149,3 +149,17 @@ def test_partial_shards_of_a_crashed_run_are_removed(tmp_path):
     writer.add(_block(0))  # never closed: the process "died"
     assert remove_partials(str(tmp_path)) == ["shard-000003.tar.partial"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_end_with_the_tar_marker_and_no_padding(tmp_path):
+    import subprocess
+    writer = ShardWriter.create(str(tmp_path), 0, vocab_size=V)
+    writer.add(_block(0))
+    entry = writer.close()
+    data = (tmp_path / entry["name"]).read_bytes()
+    assert data.endswith(b"\0" * 1024) and len(data) % 512 == 0 and len(data) % 10240 != 0
+    listing = subprocess.run(["tar", "-tf", str(tmp_path / entry["name"])], capture_output=True, text=True,
+                             check=True)
+    assert listing.stdout.split() == [f"000000.{m}" for m in ("tokens.npy", "lengths.npy", "word_starts.npy",
+                                                              "uids.npy")]
+    assert listing.stderr == ""
