@@ -39,8 +39,11 @@ class DemoConfig:
 
 
 MODES = {
-    "full": DemoConfig(held_out_every=12, max_docs=0, vocab_size=8000, seq_len=128, batch_size=32, steps=1200,
+    "full": DemoConfig(held_out_every=12, max_docs=0, vocab_size=8000, seq_len=128, batch_size=32, steps=1500,
                        lr=2e-3, eval_every=300),
+    # the static-vs-dynamic experiment: a quarter of the corpus, so a few CPU minutes cover many epochs
+    "experiment": DemoConfig(held_out_every=10, max_docs=60, vocab_size=5000, seq_len=128, batch_size=32,
+                             steps=1500, lr=2e-3, eval_every=250),
     "quick": DemoConfig(held_out_every=6, max_docs=24, vocab_size=1500, seq_len=64, batch_size=16, steps=40,
                         lr=3e-3, eval_every=40),
 }

@@ -299,6 +299,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
             tokens, t0 = 0, time.perf_counter()
         bar.update(1)
         done = run.step == run.total_steps
+        paused = time.perf_counter()  # evaluation and checkpoint time is left out of tokens/s
         if run.eval_loader is not None and (done or (cfg.eval_every and run.step % cfg.eval_every == 0)):
             last_eval = evaluate.evaluate(run.raw_model, run.eval_loader, device=device, world=run.world,
                                           max_batches=cfg.eval_batches)
@@ -307,10 +308,9 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
             bar.write(f"step {run.step}: held-out loss {last_eval['loss']:.3f}  "
                       f"accuracy {last_eval['accuracy']:.3f}  perplexity {last_eval['perplexity']:.1f}")
             run.model.train()
-            t0 = time.perf_counter()
         if done or (cfg.save_every and run.step % cfg.save_every == 0):
             checkpoint.save(run)
-            t0 = time.perf_counter()
+        t0 += time.perf_counter() - paused
         if run.step == stop_at:
             break
     bar.close()
