@@ -1,0 +1,93 @@
+"""End to end: the Beam job's shards, read back by the streaming loader, give the masks the rule promises."""
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from loader import format as fmt
+from loader.masking import mask_batch
+from loader.stream import LoaderConfig, MLMLoader
+from pipeline import run as pipeline_run
+
+K = 3
+SEED = 17
+
+
+@pytest.fixture(scope="module")
+def corpus(sotu_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "sotu-8.jsonl"
+    with gzip.open(sotu_file, "rt") as f, open(out, "w") as g:
+        for _, line in zip(range(8), f):
+            g.write(line)
+    return out
+
+
+@pytest.fixture(scope="module")
+def static_dataset(corpus, bert_tokenizer_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("static") / "shards"
+    pipeline_run.run(["--input", str(corpus), "--tokenizer", str(bert_tokenizer_file), "--output", str(out),
+                      "--masking", "static", "--static-copies", str(K), "--seed", str(SEED),
+                      "--selection", "word", "--num-shards", "3", "--quiet"])
+    return out
+
+
+def _raw_sequences(root):
+    """uid -> (tokens, word_starts, length), straight from the tar records."""
+    import webdataset as wds
+    index = fmt.read_index((root / fmt.INDEX_FILE).read_bytes())
+    out = {}
+    for shard in index["shards"]:
+        for sample in wds.WebDataset(str(root / shard["name"]), shardshuffle=False):
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            block = fmt.decode_block(members, seq_len=index["seq_len"],
+                                     vocab_size=index["tokenizer"]["vocab_size"],
+                                     static_copies=index["masking"]["static_copies"])
+            for i, uid in enumerate(block.uids.tolist()):
+                out[uid] = (block.tokens[i].astype(np.int64), block.word_starts[i], int(block.lengths[i]))
+    return index, out
+
+
+def test_static_shards_through_the_loader_equal_the_dynamic_rule_for_epoch_mod_k(static_dataset):
+    index, raw = _raw_sequences(static_dataset)
+    loader = MLMLoader(str(static_dataset), LoaderConfig(batch_size=8, seed=SEED))
+    assert loader.static_copies == K and loader.masking.selection == "word"
+    for epoch in range(K + 1):  # epoch K wraps around to copy 0
+        loader.set_epoch(epoch)
+        seen = 0
+        for batch in loader:
+            uids = batch["uids"].tolist()
+            tokens = torch.from_numpy(np.stack([raw[u & (2**64 - 1)][0] for u in uids]))
+            starts = torch.from_numpy(np.stack([raw[u & (2**64 - 1)][1] for u in uids]))
+            lengths = torch.tensor([raw[u & (2**64 - 1)][2] for u in uids])
+            want = mask_batch(tokens, starts, lengths, batch["uids"], seed=SEED, epoch=epoch % K,
+                              config=loader.masking, vocab=loader.vocab)
+            assert torch.equal(batch["input_ids"], want[0]) and torch.equal(batch["labels"], want[1])
+            seen += len(uids)
+        assert seen == loader.batches_per_epoch * 8
+    assert index["masking"]["static_copies"] == K
+
+
+def test_every_sequence_of_the_job_is_served_once_per_epoch(static_dataset):
+    index, raw = _raw_sequences(static_dataset)
+    loader = MLMLoader(str(static_dataset), LoaderConfig(batch_size=1, seed=SEED))
+    uids = [u & (2**64 - 1) for batch in loader for u in batch["uids"].tolist()]
+    assert sorted(uids) == sorted(raw) and len(uids) == index["counts"]["sequences"]
+
+
+def test_dynamic_masks_change_every_epoch_without_rewriting_data(static_dataset, tmp_path):
+    # the same shards read as dynamic data: any epoch, fresh masks; the bytes on disk never change
+    before = {p.name: p.read_bytes() for p in static_dataset.iterdir() if p.is_file()}
+    index, raw = _raw_sequences(static_dataset)
+    uids = sorted(raw)[:16]
+    tokens = torch.from_numpy(np.stack([raw[u][0] for u in uids]))
+    starts = torch.from_numpy(np.stack([raw[u][1] for u in uids]))
+    lengths = torch.tensor([raw[u][2] for u in uids])
+    as_int64 = torch.from_numpy(np.array(uids, dtype=np.uint64).view(np.int64))
+    loader = MLMLoader(str(static_dataset), LoaderConfig(batch_size=8, seed=SEED))
+    masks = [mask_batch(tokens, starts, lengths, as_int64, seed=SEED, epoch=e, config=loader.masking,
+                        vocab=loader.vocab)[1] for e in range(5)]
+    assert all(not torch.equal(masks[i], masks[j]) for i in range(5) for j in range(i))
+    assert before == {p.name: p.read_bytes() for p in static_dataset.iterdir() if p.is_file()}
