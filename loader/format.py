@@ -4,7 +4,7 @@ A dataset is a folder (or URL prefix) with `index.json` and tar shards `shard-00
 (members sharing a `__key__`) is a *block* of B sequences stored as `.npy` arrays:
 
     tokens.npy          (B, L) uint16 (uint32 when the vocabulary does not fit)
-    lengths.npy         (B,)   uint16|uint32  real tokens per row; the rest is padding
+    lengths.npy         (B,)   uint16|uint32  real tokens per row, the rest padding; absent when all rows are full
     word_starts.npy     (B, ceil(L/8)) uint8  bit-packed word-start flags (from the tokenizer's word ids)
     uids.npy            (B,)   uint64         stable sequence ids
     static_selected.npy (B, K, ceil(L/8)) uint8  [static mode] bit-packed positions chosen in copy k
@@ -85,12 +85,11 @@ def encode_block(block: Block, *, vocab_size: int) -> dict[str, bytes]:
     if block.tokens.size and int(block.tokens.max()) >= vocab_size:
         raise FormatError(f"token id {int(block.tokens.max())} >= vocab size {vocab_size}")
     lengths_dtype = np.uint16 if L < 1 << 16 else np.uint32
-    members = {
-        "tokens.npy": _npy(block.tokens.astype(dtype, copy=False)),
-        "lengths.npy": _npy(block.lengths.astype(lengths_dtype)),
-        "word_starts.npy": _npy(np.packbits(block.word_starts.astype(bool), axis=-1)),
-        "uids.npy": _npy(block.uids.astype(np.uint64)),
-    }
+    members = {"tokens.npy": _npy(block.tokens.astype(dtype, copy=False))}
+    if (block.lengths != L).any():  # full packing pads only a group's tail: most records need no lengths
+        members["lengths.npy"] = _npy(block.lengths.astype(lengths_dtype))
+    members["word_starts.npy"] = _npy(np.packbits(block.word_starts.astype(bool), axis=-1))
+    members["uids.npy"] = _npy(block.uids.astype(np.uint64))
     if block.static_selected is not None:
         selected = block.static_selected.astype(bool)
         members["static_selected.npy"] = _npy(np.packbits(selected, axis=-1))
@@ -133,8 +132,11 @@ def decode_block(members: dict[str, bytes], *, seq_len: int, vocab_size: int, st
     _expect(tokens, "tokens.npy", (token_dtype(vocab_size),), (B, L))
     if B and int(tokens.max()) >= vocab_size:
         raise FormatError(f"token id {int(tokens.max())} >= vocab size {vocab_size}")
-    lengths = _expect(_load(members, "lengths.npy", max_member_bytes), "lengths.npy",
-                      (np.uint16, np.uint32), (B,)).astype(np.int32)
+    if "lengths.npy" in members:
+        lengths = _expect(_load(members, "lengths.npy", max_member_bytes), "lengths.npy",
+                          (np.uint16, np.uint32), (B,)).astype(np.int32)
+    else:  # absent: every row is full
+        lengths = np.full(B, L, dtype=np.int32)
     if B and (lengths.max() > L or lengths.min() < 1):
         raise FormatError(f"lengths outside [1, {L}]")
     packed = _expect(_load(members, "word_starts.npy", max_member_bytes), "word_starts.npy",

@@ -163,3 +163,11 @@ def test_shards_end_with_the_tar_marker_and_no_padding(tmp_path):
     assert listing.stdout.split() == [f"000000.{m}" for m in ("tokens.npy", "lengths.npy", "word_starts.npy",
                                                               "uids.npy")]
     assert listing.stderr == ""
+
+
+def test_records_of_full_rows_carry_no_lengths_member():
+    full = _block(0)
+    full.lengths[:] = L
+    members = encode_block(full, vocab_size=V)
+    assert "lengths.npy" not in members
+    assert np.array_equal(decode_block(members, seq_len=L, vocab_size=V).lengths, np.full(5, L))
