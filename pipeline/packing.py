@@ -71,18 +71,34 @@ def word_start_table(tok) -> np.ndarray | None:
 
 
 def tokenize_group(tok, docs: list[Doc], table: np.ndarray | None = None) -> tuple[list[TokDoc], list[Reject]]:
-    """Tokenize a group's documents in one batch; parts of an oversized document are joined back.
+    """Tokenize a group's documents in one batch; parts of an oversized document are joined back."""
+    return tokenize_groups(tok, [docs], table)[0]
+
+
+def tokenize_groups(tok, groups: list[list[Doc]], table: np.ndarray | None = None
+                    ) -> list[tuple[list[TokDoc], list[Reject]]]:
+    """Tokenize several groups in ONE encode call (so the Rust thread pool gets many documents at once);
+    returns each group's (tokenized documents, rejects), as tokenize_group would.
 
     With a word_start_table, encode_batch_fast and a table lookup; otherwise encode_batch and word ids."""
-    docs = sorted(docs, key=lambda d: (d.position, d.part))
-    texts = [d.text for d in docs]
-    merged: dict[tuple[str, int], list] = {}
+    groups = [sorted(docs, key=lambda d: (d.position, d.part)) for docs in groups]
+    texts = [d.text for docs in groups for d in docs]
     if table is None:
         pieces = [(np.asarray(e.ids, dtype=np.uint32), word_starts_from_ids(e.word_ids))
                   for e in tok.encode_batch(texts, add_special_tokens=False)]
     else:
         ids = [np.asarray(e.ids, dtype=np.uint32) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
         pieces = [(i, table[i]) for i in ids]
+    results, start = [], 0
+    for docs in groups:
+        results.append(_merge_parts(docs, pieces[start:start + len(docs)]))
+        start += len(docs)
+    return results
+
+
+def _merge_parts(docs: list[Doc], pieces) -> tuple[list[TokDoc], list[Reject]]:
+    """One group's (ids, word starts) per document part -> TokDocs, parts joined; no tokens -> Reject."""
+    merged: dict[tuple[str, int], list] = {}
     for doc, (ids, starts) in zip(docs, pieces):
         if len(starts):
             starts[0] = True    # a part cut at whitespace begins with a word

@@ -150,6 +150,18 @@ def iter_raw_records(path: str, source) -> Iterator[Raw]:
         yield Raw(path, position, group, fmt, data)
 
 
+def iter_raw_groups(path: str, source) -> Iterator[list[Raw]]:
+    """The file's records, a list per pack group, in order (groups are consecutive records)."""
+    group: list[Raw] = []
+    for raw in iter_raw_records(path, source):
+        if group and raw.group != group[0].group:
+            yield group
+            group = []
+        group.append(raw)
+    if group:
+        yield group
+
+
 def _excerpt(data) -> str:
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else repr(data)
     return text[:80]
@@ -198,3 +210,15 @@ def clean_record(raw: Raw, source) -> list[Doc] | Reject:
         return reject(EMPTY, "empty or whitespace only")
     return [Doc(raw.source, raw.position, i, raw.group, part)
             for i, part in enumerate(split_text(text, source.max_doc_chars))]
+
+
+def clean_group(raws: list[Raw], source) -> tuple[list[Doc], list[Reject]]:
+    """clean_record over a pack group: its documents (parts in order) and its rejects."""
+    docs, rejects = [], []
+    for raw in raws:
+        out = clean_record(raw, source)
+        if isinstance(out, Reject):
+            rejects.append(out)
+        else:
+            docs += out
+    return docs, rejects

@@ -3,6 +3,9 @@ r"""The Beam job's stages: one named PTransform each; expand() only wires, the r
     ReadDocuments -> Clean -> Tokenize -> Pack -> AssignShards -> WriteShards -> WriteIndex
          \ counts     \ rejects  \ rejects  \ counts                     entries /  (rejects.jsonl, index.json)
 
+Pack groups (consecutive records of a file) are formed by the reader, which reads a whole file in one call,
+so no shuffle is needed to group documents; Tokenize reshuffles the groups only when there are several
+workers to spread them over. WriteShards groups sequences by shard (the job's one data shuffle).
 `build(p, ...)` applies the whole graph to a pipeline (also a TestPipeline) and returns its PCollections.
 """
 from __future__ import annotations
@@ -12,12 +15,12 @@ import typing
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from loader.format import token_dtype
 from pipeline import packing, progress, shards, sources
 
 NS = "maskstream"   # Beam metrics namespace
-   # Beam metrics namespace
 REJECTS = "rejects"
 STATS = "stats"
 
@@ -25,7 +28,8 @@ STATS = "stats"
 # ---- ReadDocuments ----------------------------------------------------------------------------------------
 
 class _ReadFile(beam.DoFn):
-    """A whole file in one call, so positions are exact line/row numbers; its counts go to STATS."""
+    """A whole file in one call, so positions are exact line/row numbers and pack groups are formed here
+    (consecutive records), without a shuffle; its counts go to STATS."""
     def __init__(self, source):
         self.source = source
         self.read = Metrics.counter(NS, "documents_read")
@@ -33,17 +37,17 @@ class _ReadFile(beam.DoFn):
 
     def process(self, path):
         n = size = 0
-        for raw in sources.iter_raw_records(path, self.source):
-            n += 1
-            size += len(raw.data) if isinstance(raw.data, (bytes, str)) else 1
-            yield raw
+        for group in sources.iter_raw_groups(path, self.source):
+            n += len(group)
+            size += sum(len(r.data) if isinstance(r.data, (bytes, str)) else 1 for r in group)
+            yield (path, group[0].group), group
         self.read.inc(n)
         self.bytes.inc(size)
         yield beam.pvalue.TaggedOutput(STATS, {"documents_read": n, "bytes_read": size, "files": 1})
 
 
 class ReadDocuments(beam.PTransform):
-    """Matched input files -> Raw records (source, position, pack group, data), plus per-file counts."""
+    """Matched input files -> ((source, group), [Raw]) pack groups of records, plus per-file counts."""
     def __init__(self, files: list[str], source):
         super().__init__()
         self.files, self.source = files, source
@@ -62,18 +66,19 @@ class _Clean(beam.DoFn):
         self.source = source
         self.rejected = {r: Metrics.counter(NS, f"rejected_{r}") for r in sources.REASONS}
 
-    def process(self, raw):
-        out = sources.clean_record(raw, self.source)
-        if isinstance(out, sources.Reject):
-            self.rejected[out.reason].inc()
-            yield beam.pvalue.TaggedOutput(REJECTS, out)
-            return
-        for doc in out:
-            yield (doc.source, doc.group), doc
+    def process(self, element):
+        key, raws = element
+        docs, rejects = sources.clean_group(raws, self.source)
+        for r in rejects:
+            self.rejected[r.reason].inc()
+            yield beam.pvalue.TaggedOutput(REJECTS, r)
+        if docs:
+            yield key, docs
 
 
 class Clean(beam.PTransform):
-    """Raw records -> ((source, group), Doc) for valid documents; rejects with their reason to REJECTS."""
+    """((source, group), [Raw]) -> ((source, group), [Doc]) of valid documents; rejects with their reason
+    to REJECTS."""
     def __init__(self, source):
         super().__init__()
         self.source = source
@@ -86,41 +91,63 @@ class Clean(beam.PTransform):
 
 @beam.typehints.with_output_types(typing.Tuple[typing.Tuple[str, int], typing.Any])
 class _Tokenize(beam.DoFn):
-    """One encode_batch per pack group; the tokenizer is built once per worker, from its JSON text."""
-    def __init__(self, tokenizer_json: str):
-        self.tokenizer_json = tokenizer_json
+    """Pack groups buffered up to batch_chars, then one encode call for all of them; the tokenizer is built
+    once per worker, from its JSON text. threads: let the tokenizer's Rust thread pool use every core (the
+    one-process local mode); otherwise one thread, as each worker process is one core."""
+    def __init__(self, tokenizer_json: str, *, threads: bool = False, batch_chars: int = 2 << 20):
+        self.tokenizer_json, self.threads, self.batch_chars = tokenizer_json, threads, batch_chars
         self.no_tokens = Metrics.counter(NS, f"rejected_{sources.NO_TOKENS}")
 
     def setup(self):
-        # NOTE: every worker process is one core; Rust threads in each would fight over the same cores.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # NOTE: in worker processes Rust threads would fight over the cores the other workers use.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.threads else "false"
         from pipeline.tokenizer import tokenizer_from_json
         self.tok = tokenizer_from_json(self.tokenizer_json)
         self.table = packing.word_start_table(self.tok)   # WordPiece: encode_batch_fast + lookup
         self.progress = progress.Reporter()   # local runner only
 
+    def start_bundle(self):
+        self.buffer, self.buffered = [], 0
+
     def process(self, element):
         key, docs = element
-        docs = list(docs)
-        tokdocs, rejects = packing.tokenize_group(self.tok, docs, self.table)
-        self.progress.add(sum(len(d.text) for d in docs))
-        for r in rejects:
-            self.no_tokens.inc()
-            yield beam.pvalue.TaggedOutput(REJECTS, r)
-        if tokdocs:
-            yield key, tokdocs
+        self.buffer.append((key, docs))
+        self.buffered += sum(len(d.text) for d in docs)
+        if self.buffered >= self.batch_chars:
+            yield from self._flush(lambda x: x)
+
+    def finish_bundle(self):
+        yield from self._flush(GlobalWindows.windowed_value)   # NOTE: outputs here need a window
+
+    def _flush(self, wrap):
+        buffer, done = self.buffer, self.buffered
+        self.buffer, self.buffered = [], 0
+        if not buffer:
+            return
+        results = packing.tokenize_groups(self.tok, [docs for _, docs in buffer], self.table)
+        self.progress.add(done)
+        for (key, _), (tokdocs, rejects) in zip(buffer, results):
+            for r in rejects:
+                self.no_tokens.inc()
+                yield beam.pvalue.TaggedOutput(REJECTS, wrap(r))
+            if tokdocs:
+                yield wrap((key, tokdocs))
 
 
 class Tokenize(beam.PTransform):
-    """((source, group), Doc) -> ((source, group), [TokDoc]): grouped, tokenized in one batch per group."""
-    def __init__(self, tokenizer_json: str):
-        super().__init__()
-        self.tokenizer_json = tokenizer_json
+    """((source, group), [Doc]) -> ((source, group), [TokDoc]), many groups per encode call.
 
-    def expand(self, docs):
-        return (docs
-                | "GroupDocs" >> beam.GroupByKey()
-                | "Encode" >> beam.ParDo(_Tokenize(self.tokenizer_json)).with_outputs(REJECTS, main="tokdocs"))
+    Without threads the groups are first spread over the workers (a file is read by one worker); with
+    threads (one process) there is nothing to spread, and the shuffle's copy of the corpus is skipped."""
+    def __init__(self, tokenizer_json: str, *, threads: bool = False):
+        super().__init__()
+        self.tokenizer_json, self.threads = tokenizer_json, threads
+
+    def expand(self, groups):
+        if not self.threads:
+            groups = groups | "Spread" >> beam.Reshuffle()
+        return groups | "Encode" >> beam.ParDo(_Tokenize(self.tokenizer_json, threads=self.threads)).with_outputs(
+            REJECTS, main="tokdocs")
 
 
 # ---- Pack, AssignShards -----------------------------------------------------------------------------------
@@ -241,11 +268,13 @@ class WriteIndex(beam.PTransform):
                 | "Write" >> beam.Map(_finish, config=self.config, info=self.info, inputs=self.inputs))
 
 
-def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]]) -> dict:
-    """Apply the whole job to pipeline p; returns its PCollections by name (for tests and the runner)."""
+def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]], threads: bool = False) -> dict:
+    """Apply the whole job to pipeline p; returns its PCollections by name (for tests and the runner).
+
+    threads: the job runs in one process (local in_memory mode), so the tokenizer may use every core."""
     read = p | "ReadDocuments" >> ReadDocuments([path for path, _ in inputs], config.source)
     clean = read.records | "Clean" >> Clean(config.source)
-    tok = clean.docs | "Tokenize" >> Tokenize(tokenizer_json)
+    tok = clean.docs | "Tokenize" >> Tokenize(tokenizer_json, threads=threads)
     packed = tok.tokdocs | "Pack" >> Pack(config.pack, info, config.data_hash())
     entries = (packed.sequences
                | "AssignShards" >> AssignShards(config.shard.num_shards)

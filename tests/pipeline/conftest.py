@@ -61,9 +61,10 @@ def sotu_texts(sotu_file) -> list[str]:
 
 @pytest.fixture(scope="session")
 def sotu_run(sotu_file, bert_json, tmp_path_factory):
-    """The full SOTU corpus through the default local runner (multi-process, 2 workers), shared by tests.
+    """The full SOTU corpus through the local runner's multi-process mode (2 workers), shared by tests.
 
     Returns (output folder, index, file hashes right after the run)."""
     out = tmp_path_factory.mktemp("sotu-run") / "out"
-    index = run_job([sotu_file], bert_json, out, "--direct_num_workers", 2, "--num-shards", 4)
+    index = run_job([sotu_file], bert_json, out, "--local-mode", "multi_processing", "--direct_num_workers", 2,
+                    "--num-shards", 4)
     return out, index, file_hashes(out)

@@ -64,7 +64,8 @@ def test_graph_on_test_pipeline_accounts_for_every_document(bad_corpus, bert_jso
     options = PipelineOptions(["--direct_running_mode=in_memory"])
     with test_pipeline.TestPipeline(runner=pipeline_run.local_runner(options), options=options) as p:
         pc = stages.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs)
-        positions = pc["docs"] | "Positions" >> beam.Map(lambda kv: (kv[1].source.split("/")[-1], kv[1].position))
+        positions = pc["docs"] | "Positions" >> beam.FlatMap(
+            lambda kv: [(d.source.split("/")[-1], d.position) for d in kv[1]])
         assert_that(positions, equal_to([("a.jsonl", 0), ("a.jsonl", 7), ("a.jsonl", 8), ("b.txt", 0), ("b.txt", 3)]),
                     label="Docs")   # line 7 passes cleaning, Tokenize rejects it (no tokens)
         counts = pc["index"] | "Counts" >> beam.Map(lambda i: (i["counts"]["documents_read"],

@@ -52,11 +52,12 @@ def test_sotu_detokenized_sequences_give_back_the_source_text(sotu_run, sotu_tex
     assert got == want
 
 
-def test_rerun_after_crash_gives_byte_identical_shards_and_index(sotu_run, sotu_file, bert_json, job, hashes):
+def test_rerun_after_crash_in_the_other_mode_gives_byte_identical_shards_and_index(sotu_run, sotu_file, bert_json,
+                                                                                   job, hashes):
     out, index, before = sotu_run
     (out / "shard-000000.tar").rename(out / ("shard-000000.tar" + fmt.PARTIAL_SUFFIX))  # killed mid-write
     (out / "index.json").write_text(json.dumps({"format_version": 1}))
-    job([sotu_file], bert_json, out, "--direct_num_workers", 2, "--num-shards", 4)
+    job([sotu_file], bert_json, out, "--local-mode", "in_memory", "--num-shards", 4)   # the run was multi-process
     assert hashes(out) == before
 
 
