@@ -1,0 +1,85 @@
+"""Local execution modes (auto choice, flags) and a real crash: the job SIGKILLed mid-write, then rerun."""
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import packing, sources
+from pipeline import run as pipeline_run
+from pipeline.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+KILL_DOCS = 120          # about half of SOTU: a few seconds of work, so the kill lands mid-run
+KILL_SHARDS = 32         # many shards: the window in which shards are being written is wide
+
+
+def test_auto_mode_is_one_process_on_few_cores_or_small_inputs():
+    assert pipeline_run.auto_mode(2, 10 << 30) == "in_memory"
+    assert pipeline_run.auto_mode(16, 10 << 20) == "in_memory"
+    assert pipeline_run.auto_mode(16, 10 << 30) == "multi_processing"
+
+
+def test_local_mode_contradicting_beams_running_mode_is_refused():
+    with pytest.raises(SystemExit, match="contradicts"):
+        pipeline_run.pipeline_options(["--direct_running_mode=multi_processing"], local_mode="in_memory")
+    options, runner = pipeline_run.pipeline_options(["--direct_running_mode=in_memory"], local_mode="in_memory")
+    assert runner is not None and options.get_all_options()["direct_running_mode"] == "in_memory"
+
+
+def test_several_groups_in_one_encode_call_equal_one_call_per_group(bert_json, sotu_texts):
+    tok, _, _ = load_tokenizer(str(bert_json))
+    table = packing.word_start_table(tok)
+    groups = [[sources.Doc("f", g * 10 + i, 0, g, t) for i, t in enumerate(sotu_texts[g * 3:g * 3 + 3])]
+              for g in range(3)]
+    groups[1].append(sources.Doc("f", 19, 0, 1, "\u200b"))       # no tokens: rejected in its own group
+    together = packing.tokenize_groups(tok, groups, table)
+    for docs, (tokdocs, rejects) in zip(groups, together):
+        alone, alone_rejects = packing.tokenize_group(tok, docs, table)
+        assert [d.position for d in tokdocs] == [d.position for d in alone] and rejects == alone_rejects
+        assert all((a.ids == b.ids).all() and (a.word_starts == b.word_starts).all() for a, b in zip(tokdocs, alone))
+    assert [r.position for r in together[1][1]] == [19]
+
+
+@pytest.fixture
+def half_sotu(sotu_file, tmp_path) -> Path:
+    out = tmp_path / "half-sotu.jsonl"
+    with gzip.open(sotu_file, "rt") as f, open(out, "w") as g:
+        for _, line in zip(range(KILL_DOCS), f):
+            g.write(line)
+    return out
+
+
+def test_job_killed_mid_write_then_rerun_leaves_exactly_the_clean_runs_files(half_sotu, bert_json, tmp_path,
+                                                                             job, hashes):
+    out = tmp_path / "out"
+    flags = ("--num-shards", KILL_SHARDS)
+    job([half_sotu], bert_json, out, *flags)
+    clean = hashes(out)
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    argv = [sys.executable, "-m", "pipeline.run", "--input", str(half_sotu), "--tokenizer", str(bert_json),
+            "--output", str(out), "--quiet", *map(str, flags)]
+    proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if out.is_dir() and any(n.startswith("shard-") for n in os.listdir(out)):
+                break                                    # a .partial or the first shard: writing has begun
+            time.sleep(0.002)
+        assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
+        os.killpg(proc.pid, signal.SIGKILL)              # the whole group: a multi-process run's workers too
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "index.json").exists(), "killed after index.json was written: widen KILL_SHARDS"
+    assert any(p.name.startswith("shard-") for p in out.iterdir())   # e.g. shard-000000.tar.partial
+    job([half_sotu], bert_json, out, *flags)
+    assert hashes(out) == clean
