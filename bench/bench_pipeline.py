@@ -5,18 +5,18 @@ and every --corpus): text MB/s of
   - `maskstream preprocess` end to end (a fresh process: imports, worker start-up, all stages, index.json),
   - one `Tokenizer.encode_batch_fast` call over all documents (Rust threads on every core)   <- the anchor,
   - a `multiprocessing.Pool` of single-threaded `encode_batch` workers, one per core;
-and the bytes per token of the shards written, and the peak RSS of the job's processes.
+and the bytes per token of the shards written, and the peak RSS of the job's processes (summed, sampled).
 """
 from __future__ import annotations
 
 import gzip
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -93,16 +93,38 @@ def pool_pass(tokenizer_path: str, texts: list[str], workers: int) -> float:
         return time.perf_counter() - t0
 
 
+def sampled_peak_rss(pid: int, stop: threading.Event, out: list) -> None:
+    """Largest sum of RSS over the process and its descendants, sampled every 50 ms, appended to out.
+
+    NOTE: not ru_maxrss: a child's high-water mark starts from this (large) process's, as it is forked."""
+    import psutil
+    peak = 0
+    while not stop.wait(0.05):
+        try:
+            procs = [psutil.Process(pid)]
+            procs += procs[0].children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in procs))
+        except psutil.Error:
+            pass
+    out.append(peak)
+
+
 def job(corpus: str, tokenizer_path: str, out: Path) -> tuple[float, dict, float]:
     """(wall seconds, index, peak RSS MB of the job's processes) of `maskstream preprocess` in a fresh process."""
     from loader.format import read_index
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.run", "--input", corpus, "--tokenizer", tokenizer_path,
-                    "--output", str(out), "--quiet"], check=True, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", "--input", corpus, "--tokenizer",
+                             tokenizer_path, "--output", str(out), "--quiet"], cwd=ROOT)
+    stop, peak = threading.Event(), []
+    sampler = threading.Thread(target=sampled_peak_rss, args=(proc.pid, stop, peak))
+    sampler.start()
+    proc.wait()
     seconds = time.perf_counter() - t0
-    rss = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024.0
-    return seconds, read_index((out / "index.json").read_bytes()), rss
+    stop.set()
+    sampler.join()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    return seconds, read_index((out / "index.json").read_bytes()), peak[0] / 2**20
 
 
 def run(args) -> list[Row]:
