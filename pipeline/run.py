@@ -183,6 +183,9 @@ def run(argv=None) -> dict:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # multi-process workers relay their start-up warnings (no semi_persistent_directory, discarded args)
+    # through the local job service: noise to a user; real failures still surface as errors
+    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     import gc
 
     import apache_beam  # noqa: F401
