@@ -98,8 +98,11 @@ class MLMLoader:
         self.stats[epoch] = {"sequences": n, "batches_per_rank": self.batches_per_epoch,
                              "dropped": max(0, n - total), "wrapped": max(0, total - n)}
         pin = cfg.pin_memory and self.device.type == "cuda"
+        # NOTE: a DataLoader draws a base seed for every iterator, from the global RNG unless given a
+        # generator; ours is private, so iterating never moves the training process's RNG (dropout, init).
+        private = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         batches = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                                              pin_memory=pin)
+                                              pin_memory=pin, generator=private)
         for raw in batches:
             if "attention_mask" in raw:  # masked in the worker already
                 out = {k: v.to(self.device, non_blocking=True) for k, v in raw.items()}

@@ -270,10 +270,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
     run.model.train()
     while run.step < run.total_steps:
         for micro in range(cfg.grad_accum):
-            # NOTE: torch's DataLoader draws a seed from the global RNG whenever an iterator starts (every
-            # epoch, and on resume); isolate that draw so the dropout stream stays identical across a resume.
-            with torch.random.fork_rng(devices=[]):
-                batch = next(stream)
+            batch = next(stream)
             sync = micro == cfg.grad_accum - 1 or run.world == 1
             ctx = run.model.no_sync() if not sync else _nullcontext()
             with ctx, amp:

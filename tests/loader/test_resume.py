@@ -90,3 +90,13 @@ def test_a_state_that_does_not_fit_is_refused(uneven, tmp_path):
         MLMLoader(uneven, LoaderConfig(batch_size=16)).load_state_dict({**state, "sequences_consumed": 5})
     ok = MLMLoader(uneven, LoaderConfig(batch_size=16, num_workers=2))
     ok.load_state_dict(state)  # another worker count is fine
+
+
+def test_iterating_the_loader_leaves_the_global_rng_alone(uneven):
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    for workers in (0, 2):
+        loader = MLMLoader(uneven, LoaderConfig(batch_size=16, seed=1, num_workers=workers))
+        collect(loader, limit=2)
+    assert torch.equal(torch.rand(3), want)
