@@ -18,6 +18,7 @@ from pipeline.sources import REASONS
 
 REJECTS_DIR = "rejects"
 REJECTS_FILE = "rejects.jsonl"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def is_local(path: str) -> bool:
@@ -149,12 +150,17 @@ def build_index(*, entries, stats: dict, documents_read: int, rejects_by_reason:
                   empty_shards=config["shard"]["num_shards"] - len(entries))
     return {
         "format_version": fmt.FORMAT_VERSION, "shards": entries, "counts": counts,
-        "seq_len": config["pack"]["seq_len"], "packing": config["pack"]["packing"], "tokenizer": info.to_index(),
+        "seq_len": config["pack"]["seq_len"], "packing": config["pack"]["packing"], "tokenizer": {**info.to_index(), "file": TOKENIZER_FILE},
         "masking": {"mode": config["shard"]["masking"], "static_copies": config["shard"]["static_copies"],
                     "seed": config["shard"]["seed"], "config": config["masking"]},
         "config": config, "inputs": [{"path": p, "bytes": n} for p, n in inputs],
         "rejects": f"{REJECTS_DIR}/{REJECTS_FILE}",
     }
+
+
+def write_tokenizer(output: str, tokenizer_json: str) -> None:
+    """A copy of the tokenizer beside the shards, so a dataset is self-contained (training, fill-mask)."""
+    _write_atomic(join(output, TOKENIZER_FILE), tokenizer_json.encode())
 
 
 def write_index(output: str, index: dict) -> None:

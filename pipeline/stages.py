@@ -244,10 +244,11 @@ class _Gather(beam.CombineFn):
         return acc
 
 
-def _finish(gathered, *, config: dict, info, inputs) -> dict:
-    """Write rejects.jsonl, check that every document is accounted for, then write index.json."""
+def _finish(gathered, *, config: dict, info, inputs, tokenizer_json: str) -> dict:
+    """Write rejects.jsonl and the tokenizer, check that every document is accounted for, then index.json."""
     output = config["shard"]["output"]
     by_reason = shards.write_rejects(output, gathered["reject"])
+    shards.write_tokenizer(output, tokenizer_json)
     stats = dict(gathered["stats"])
     index = shards.build_index(entries=gathered["entry"], stats=stats, documents_read=stats.pop("documents_read", 0),
                                rejects_by_reason=by_reason, config=config, info=info, inputs=inputs)
@@ -256,16 +257,19 @@ def _finish(gathered, *, config: dict, info, inputs) -> dict:
 
 
 class WriteIndex(beam.PTransform):
-    """Shard entries, rejects and counts -> rejects/rejects.jsonl, then index.json, once every shard is written."""
-    def __init__(self, config, info, inputs):
+    """Shard entries, rejects and counts -> rejects.jsonl and tokenizer.json, then index.json, once every shard
+    is written."""
+    def __init__(self, config, info, inputs, tokenizer_json: str):
         super().__init__()
         self.config, self.info, self.inputs = config.to_dict(), info, inputs   # a plain dict: no torch import
+        self.tokenizer_json = tokenizer_json
 
     def expand(self, parts):
         # NOTE: CombineGlobally waits for its whole input, so index.json is written after the last shard.
         return (parts
                 | "Gather" >> beam.CombineGlobally(_Gather())
-                | "Write" >> beam.Map(_finish, config=self.config, info=self.info, inputs=self.inputs))
+                | "Write" >> beam.Map(_finish, config=self.config, info=self.info, inputs=self.inputs,
+                                      tokenizer_json=self.tokenizer_json))
 
 
 def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]], threads: bool = False) -> dict:
@@ -284,6 +288,6 @@ def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]]
              tok.rejects | "TagNoTokens" >> beam.Map(lambda r: ("reject", r)),
              read.stats | "TagReadStats" >> beam.Map(lambda d: ("stats", d)),
              packed.stats | "TagPackStats" >> beam.Map(lambda d: ("stats", d))]
-    index = parts | "Flatten" >> beam.Flatten() | "WriteIndex" >> WriteIndex(config, info, inputs)
+    index = parts | "Flatten" >> beam.Flatten() | "WriteIndex" >> WriteIndex(config, info, inputs, tokenizer_json)
     return {"records": read.records, "docs": clean.docs, "rejects": (clean.rejects, tok.rejects),
             "sequences": packed.sequences, "entries": entries, "index": index}

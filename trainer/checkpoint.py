@@ -143,7 +143,7 @@ def write_run_config(run: "Run") -> None:
 
 
 def tokenizer_source(data: str, index: dict) -> Path | None:
-    """DIR/tokenizer.json (the demo keeps it beside the shards), else the local file index.json names."""
+    """DIR/tokenizer.json (the Beam job writes it beside the shards), else the local file index.json names."""
     local = Path(data) / "tokenizer.json"
     if local.is_file():
         return local

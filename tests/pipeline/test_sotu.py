@@ -23,6 +23,10 @@ def test_sotu_index_accounts_for_every_document_and_token(sotu_run, sotu_texts):
         assert fmt.shard_sha256(str(out / shard["name"])) == shard["sha256"]
     assert not [p for p in out.rglob("*") if p.name.endswith(fmt.PARTIAL_SUFFIX)]
     assert index["tokenizer"]["sha256"] == index["config"]["tokenize"]["tokenizer_sha256"]
+    # the dataset carries the exact tokenizer it was made with
+    import hashlib
+    assert index["tokenizer"]["file"] == "tokenizer.json"
+    assert hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest() == index["tokenizer"]["sha256"]
 
 
 def test_sotu_detokenized_sequences_give_back_the_source_text(sotu_run, sotu_texts, bert_json):
