@@ -148,8 +148,8 @@ def sample_texts(paths: list[str], *, text_field: str, sample_bytes: int, progre
     source = SourceConfig(inputs=tuple(paths), text_field=text_field)
     files = expand_inputs(source.inputs)
     budget = sample_bytes // len(files) if sample_bytes else None
-    bar = tqdm(total=sample_bytes or sum(size for _, size in files), unit="B", unit_scale=True,
-               desc="reading", disable=not progress)
+    # NOTE: sizes on disk are compressed sizes for .gz/.parquet, so without a budget the total is unknown
+    bar = tqdm(total=sample_bytes or None, unit="B", unit_scale=True, desc="reading text", disable=not progress)
     for path, _ in files:
         used = 0
         for raw in iter_raw_records(path, source):
