@@ -70,16 +70,14 @@ def banner(text: str) -> None:
 
 
 def preprocess(corpus: Path, tokenizer: Path, output: Path, cfg: DemoConfig, quick: bool) -> dict:
-    """One Beam job (the pipeline's own run()), then the tokenizer copied beside index.json."""
+    """One Beam job (the pipeline's own run()); it writes the tokenizer beside index.json."""
     from pipeline import run as beam_job
 
     argv = ["--input", str(corpus), "--tokenizer", str(tokenizer), "--output", str(output),
             "--seq-len", str(cfg.seq_len), "--num-shards", "2" if quick else "4", "--seed", "0"]
     if quick:
         argv.append("--direct_running_mode=in_memory")  # no worker processes to start for a few documents
-    index = beam_job.run(argv)
-    shutil.copyfile(tokenizer, output / "tokenizer.json")
-    return index
+    return beam_job.run(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
