@@ -22,6 +22,7 @@ SENTENCES = (
     "we must reduce the [MASK] on our people.",
     "the united [MASK] of america.",
     "our army and [MASK] are ready.",
+    "fellow citizens of the senate and house of [MASK]:",
 )
 
 
@@ -36,11 +37,16 @@ class DemoConfig:
     steps: int
     lr: float
     eval_every: int
+    # Training shards only: masking 30% of the tokens gives twice the predictions per step for ~1.3x the step
+    # cost, and the tiny encoder leaves the unigram plateau much sooner (600-step trials, 64 x 64 tokens: held-out
+    # 12.2% vs 8.5% after ~100 s). The held-out shards keep BERT's 15%, so the reported accuracy is the standard task.
+    train_mask_prob: float = 0.15
 
 
 MODES = {
-    "full": DemoConfig(held_out_every=12, max_docs=0, vocab_size=8000, seq_len=128, batch_size=32, steps=1500,
-                       lr=2e-3, eval_every=300),
+    # 64-token sequences: fill-mask needs short-range context, and attention over 64 positions is cheaper
+    "full": DemoConfig(held_out_every=12, max_docs=0, vocab_size=8000, seq_len=64, batch_size=64, steps=1500,
+                       lr=2e-3, eval_every=300, train_mask_prob=0.3),
     # the static-vs-dynamic experiment: a quarter of the corpus, so a few CPU minutes cover many epochs
     "experiment": DemoConfig(held_out_every=10, max_docs=60, vocab_size=5000, seq_len=128, batch_size=32,
                              steps=1500, lr=2e-3, eval_every=250),
@@ -69,12 +75,14 @@ def banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def preprocess(corpus: Path, tokenizer: Path, output: Path, cfg: DemoConfig, quick: bool) -> dict:
+def preprocess(corpus: Path, tokenizer: Path, output: Path, cfg: DemoConfig, quick: bool, *,
+               mask_prob: float = 0.15) -> dict:
     """One Beam job (the pipeline's own run()); it writes the tokenizer beside index.json."""
     from pipeline import run as beam_job
 
     argv = ["--input", str(corpus), "--tokenizer", str(tokenizer), "--output", str(output),
-            "--seq-len", str(cfg.seq_len), "--num-shards", "2" if quick else "4", "--seed", "0"]
+            "--seq-len", str(cfg.seq_len), "--num-shards", "2" if quick else "4", "--seed", "0",
+            "--mask-prob", str(mask_prob)]
     if quick:
         argv.append("--direct_running_mode=in_memory")  # no worker processes to start for a few documents
     return beam_job.run(argv)
@@ -109,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
 
     banner("3/5 Beam job: clean, tokenize, pack, shuffle and write verified shards")
     for corpus, name in ((train_corpus, "train"), (held_corpus, "held_out")):
-        index = preprocess(corpus, tok_path, out / "shards" / name, cfg, a.quick)
+        mask_prob = cfg.train_mask_prob if name == "train" else 0.15
+        index = preprocess(corpus, tok_path, out / "shards" / name, cfg, a.quick, mask_prob=mask_prob)
         print(f"{name}: {index['counts']['documents_written']} addresses -> {index['counts']['sequences']:,} "
               f"sequences of {index['seq_len']} tokens in {len(index['shards'])} shards")
 
-    banner(f"4/5 train the tiny encoder on CPU for {cfg.steps} steps (dynamic masks, fresh every epoch)")
+    banner(f"4/5 train the tiny encoder on CPU for {cfg.steps} steps (dynamic masks, fresh every epoch, "
+           f"{cfg.train_mask_prob:.0%} of the tokens)")
     from trainer import train as trainer
     run_dir = out / "run"
     trainer.main(["--data", str(out / "shards" / "train"), "--eval-data", str(out / "shards" / "held_out"),
