@@ -1,7 +1,7 @@
 """Tokenized documents to sequences: the record logic of Tokenize, Pack and AssignShards, without Beam.
 
-A pack group (consecutive documents of one file) is tokenized in one `encode_batch` call; word starts come
-from the encodings' word ids. Packing (a dict keyed by mode) cuts the group's tokens into sequences of exactly
+A pack group (consecutive documents of one file) is tokenized in one encode call (pipeline/encoder.py gives ids
+and word starts). Packing (a dict keyed by mode) cuts the group's tokens into sequences of exactly
 L tokens wrapped in the tokenizer's own prefix/suffix ([CLS] .. [SEP], <s> .. </s>); the last one of a group
 (full) or of a document (doc) is padded: a counted tail, never dropped. Every sequence gets a stable uid, a
 64-bit keyed hash of (config hash, source, position, sequence index); its shard and its place in the shard
@@ -45,50 +45,16 @@ class SeqBatch:
                           for f in ("uids", "tokens", "word_starts", "lengths")))
 
 
-def word_starts_from_ids(word_ids: list) -> np.ndarray:
-    """True where a token begins a word: its word id differs from the previous token's."""
-    w = np.array([-1 if x is None else x for x in word_ids], dtype=np.int64)
-    starts = np.ones(len(w), dtype=bool)
-    starts[1:] = w[1:] != w[:-1]
-    return starts
-
-
-def word_start_table(tok) -> np.ndarray | None:
-    """(V,) bool: True for ids that begin a word, for WordPiece models (continuation pieces carry the "##"
-    prefix, and BertPreTokenizer makes each punctuation mark a word), so word starts equal those of the
-    encodings' word ids and the faster encode_batch_fast (no offsets) can be used. None for other models."""
-    import json
-    model = json.loads(tok.to_str()).get("model", {})
-    prefix = model.get("continuing_subword_prefix")
-    if model.get("type") != "WordPiece" or not prefix:
-        return None
-    table = np.ones(tok.get_vocab_size(with_added_tokens=True), dtype=bool)
-    for token, i in tok.get_vocab(with_added_tokens=False).items():
-        table[i] = not token.startswith(prefix)
-    for i in tok.get_added_tokens_decoder():
-        table[i] = True
-    return table
-
-
-def tokenize_group(tok, docs: list[Doc], table: np.ndarray | None = None) -> tuple[list[TokDoc], list[Reject]]:
+def tokenize_group(encoder, docs: list[Doc]) -> tuple[list[TokDoc], list[Reject]]:
     """Tokenize a group's documents in one batch; parts of an oversized document are joined back."""
-    return tokenize_groups(tok, [docs], table)[0]
+    return tokenize_groups(encoder, [docs])[0]
 
 
-def tokenize_groups(tok, groups: list[list[Doc]], table: np.ndarray | None = None
-                    ) -> list[tuple[list[TokDoc], list[Reject]]]:
+def tokenize_groups(encoder, groups: list[list[Doc]]) -> list[tuple[list[TokDoc], list[Reject]]]:
     """Tokenize several groups in ONE encode call (so the Rust thread pool gets many documents at once);
-    returns each group's (tokenized documents, rejects), as tokenize_group would.
-
-    With a word_start_table, encode_batch_fast and a table lookup; otherwise encode_batch and word ids."""
+    returns each group's (tokenized documents, rejects), as tokenize_group would. encoder: pipeline.encoder.Encoder."""
     groups = [sorted(docs, key=lambda d: (d.position, d.part)) for docs in groups]
-    texts = [d.text for docs in groups for d in docs]
-    if table is None:
-        pieces = [(np.asarray(e.ids, dtype=np.uint32), word_starts_from_ids(e.word_ids))
-                  for e in tok.encode_batch(texts, add_special_tokens=False)]
-    else:
-        ids = [np.asarray(e.ids, dtype=np.uint32) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
-        pieces = [(i, table[i]) for i in ids]
+    pieces = encoder.encode([d.text for docs in groups for d in docs])
     results, start = [], 0
     for docs in groups:
         results.append(_merge_parts(docs, pieces[start:start + len(docs)]))

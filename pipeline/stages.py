@@ -10,8 +10,12 @@ workers to spread them over. WriteShards groups sequences by shard (the job's on
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import os
 import typing
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -23,6 +27,29 @@ from pipeline import packing, progress, shards, sources
 NS = "maskstream"   # Beam metrics namespace
 REJECTS = "rejects"
 STATS = "stats"
+
+
+class TokenizerRef(typing.NamedTuple):
+    """How tokenizer.json reaches the workers: by path where they share the launcher's files (the local
+    runner), else inline as zlib bytes; its sha256 is checked either way.
+    NOTE: Beam's pickler bz2-compresses (level 9) a DoFn each time it is pickled or unpickled, three times per
+    ParDo and stage; the 0.7 MB BERT tokenizer carried inline was ~0.4 s of a 3.5 s SOTU job."""
+    sha256: str
+    path: str | None = None
+    data: bytes | None = None
+
+    @classmethod
+    def of(cls, text: str, *, path: str | None = None) -> "TokenizerRef":
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        return cls(sha, path=path) if path else cls(sha, data=zlib.compress(text.encode(), 1))
+
+    def text(self) -> str:
+        from pipeline.tokenizer import read_bytes
+        raw = zlib.decompress(self.data) if self.data is not None else read_bytes(self.path)
+        if hashlib.sha256(raw).hexdigest() != self.sha256:
+            raise RuntimeError(f"{self.path} changed while the job ran (sha256 {self.sha256[:12]} expected); "
+                               "rerun the job with a tokenizer file that stays put")
+        return raw.decode()
 
 
 # ---- ReadDocuments ----------------------------------------------------------------------------------------
@@ -92,22 +119,29 @@ class Clean(beam.PTransform):
 @beam.typehints.with_output_types(typing.Tuple[typing.Tuple[str, int], typing.Any])
 class _Tokenize(beam.DoFn):
     """Pack groups buffered up to batch_chars, then one encode call for all of them; the tokenizer is built
-    once per worker, from its JSON text. threads: let the tokenizer's Rust thread pool use every core (the
-    one-process local mode); otherwise one thread, as each worker process is one core."""
-    def __init__(self, tokenizer_json: str, *, threads: bool = False, batch_chars: int = 2 << 20):
-        self.tokenizer_json, self.threads, self.batch_chars = tokenizer_json, threads, batch_chars
+    once per worker, from its JSON text. threads (the one-process local mode): the tokenizer's Rust thread
+    pool uses every core, and a batch is encoded on a helper thread while this one reads, packs and shuffles
+    the groups around it (the tokenizer releases the GIL); otherwise one thread, as each worker process is
+    one core."""
+    def __init__(self, tokenizer: TokenizerRef, *, threads: bool = False, batch_chars: int = 2 << 20):
+        self.tokenizer, self.threads, self.batch_chars = tokenizer, threads, batch_chars
         self.no_tokens = Metrics.counter(NS, f"rejected_{sources.NO_TOKENS}")
 
     def setup(self):
         # NOTE: in worker processes Rust threads would fight over the cores the other workers use.
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.threads else "false"
+        from pipeline.encoder import Encoder
         from pipeline.tokenizer import tokenizer_from_json
-        self.tok = tokenizer_from_json(self.tokenizer_json)
-        self.table = packing.word_start_table(self.tok)   # WordPiece: encode_batch_fast + lookup
+        self.encoder = Encoder(tokenizer_from_json(self.tokenizer.text()))
+        self.ahead = ThreadPoolExecutor(1, thread_name_prefix="tokenize") if self.threads else None
         self.progress = progress.Reporter()   # local runner only
 
+    def teardown(self):
+        if getattr(self, "ahead", None) is not None:
+            self.ahead.shutdown()
+
     def start_bundle(self):
-        self.buffer, self.buffered = [], 0
+        self.buffer, self.buffered, self.pending = [], 0, collections.deque()
 
     def process(self, element):
         key, docs = element
@@ -117,21 +151,32 @@ class _Tokenize(beam.DoFn):
             yield from self._flush(lambda x: x)
 
     def finish_bundle(self):
-        yield from self._flush(GlobalWindows.windowed_value)   # NOTE: outputs here need a window
+        yield from self._flush(GlobalWindows.windowed_value, last=True)   # NOTE: outputs here need a window
 
-    def _flush(self, wrap):
-        buffer, done = self.buffer, self.buffered
-        self.buffer, self.buffered = [], 0
-        if not buffer:
-            return
-        results = packing.tokenize_groups(self.tok, [docs for _, docs in buffer], self.table)
-        self.progress.add(done)
-        for (key, _), (tokdocs, rejects) in zip(buffer, results):
-            for r in rejects:
-                self.no_tokens.inc()
-                yield beam.pvalue.TaggedOutput(REJECTS, wrap(r))
-            if tokdocs:
-                yield wrap((key, tokdocs))
+    def _flush(self, wrap, *, last: bool = False):
+        """Start encoding the buffer; emit every finished batch but the newest (all of them when last)."""
+        if self.buffer:
+            batch = (self.buffer, self.buffered)
+            self.pending.append(self.ahead.submit(self._encode, *batch) if self.ahead else _done(self._encode(*batch)))
+            self.buffer, self.buffered = [], 0
+        while len(self.pending) > (0 if last or self.ahead is None else 1):
+            buffer, results, done = self.pending.popleft().result()
+            self.progress.add(done)
+            for (key, _), (tokdocs, rejects) in zip(buffer, results):
+                for r in rejects:
+                    self.no_tokens.inc()
+                    yield beam.pvalue.TaggedOutput(REJECTS, wrap(r))
+                if tokdocs:
+                    yield wrap((key, tokdocs))
+
+    def _encode(self, buffer, done):
+        return buffer, packing.tokenize_groups(self.encoder, [docs for _, docs in buffer]), done
+
+
+def _done(value) -> Future:
+    future = Future()
+    future.set_result(value)
+    return future
 
 
 class Tokenize(beam.PTransform):
@@ -139,14 +184,14 @@ class Tokenize(beam.PTransform):
 
     Without threads the groups are first spread over the workers (a file is read by one worker); with
     threads (one process) there is nothing to spread, and the shuffle's copy of the corpus is skipped."""
-    def __init__(self, tokenizer_json: str, *, threads: bool = False):
+    def __init__(self, tokenizer: TokenizerRef, *, threads: bool = False):
         super().__init__()
-        self.tokenizer_json, self.threads = tokenizer_json, threads
+        self.tokenizer, self.threads = tokenizer, threads
 
     def expand(self, groups):
         if not self.threads:
             groups = groups | "Spread" >> beam.Reshuffle()
-        return groups | "Encode" >> beam.ParDo(_Tokenize(self.tokenizer_json, threads=self.threads)).with_outputs(
+        return groups | "Encode" >> beam.ParDo(_Tokenize(self.tokenizer, threads=self.threads)).with_outputs(
             REJECTS, main="tokdocs")
 
 
@@ -244,11 +289,11 @@ class _Gather(beam.CombineFn):
         return acc
 
 
-def _finish(gathered, *, config: dict, info, inputs, tokenizer_json: str) -> dict:
+def _finish(gathered, *, config: dict, info, inputs, tokenizer: TokenizerRef) -> dict:
     """Write rejects.jsonl and the tokenizer, check that every document is accounted for, then index.json."""
     output = config["shard"]["output"]
     by_reason = shards.write_rejects(output, gathered["reject"])
-    shards.write_tokenizer(output, tokenizer_json)
+    shards.write_tokenizer(output, tokenizer.text())
     stats = dict(gathered["stats"])
     index = shards.build_index(entries=gathered["entry"], stats=stats, documents_read=stats.pop("documents_read", 0),
                                rejects_by_reason=by_reason, config=config, info=info, inputs=inputs)
@@ -259,26 +304,29 @@ def _finish(gathered, *, config: dict, info, inputs, tokenizer_json: str) -> dic
 class WriteIndex(beam.PTransform):
     """Shard entries, rejects and counts -> rejects.jsonl and tokenizer.json, then index.json, once every shard
     is written."""
-    def __init__(self, config, info, inputs, tokenizer_json: str):
+    def __init__(self, config, info, inputs, tokenizer: TokenizerRef):
         super().__init__()
         self.config, self.info, self.inputs = config.to_dict(), info, inputs   # a plain dict: no torch import
-        self.tokenizer_json = tokenizer_json
+        self.tokenizer = tokenizer
 
     def expand(self, parts):
         # NOTE: CombineGlobally waits for its whole input, so index.json is written after the last shard.
         return (parts
                 | "Gather" >> beam.CombineGlobally(_Gather())
                 | "Write" >> beam.Map(_finish, config=self.config, info=self.info, inputs=self.inputs,
-                                      tokenizer_json=self.tokenizer_json))
+                                      tokenizer=self.tokenizer))
 
 
-def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]], threads: bool = False) -> dict:
+def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]], threads: bool = False,
+          tokenizer_path: str | None = None) -> dict:
     """Apply the whole job to pipeline p; returns its PCollections by name (for tests and the runner).
 
-    threads: the job runs in one process (local in_memory mode), so the tokenizer may use every core."""
+    threads: the job runs in one process (local in_memory mode), so the tokenizer may use every core.
+    tokenizer_path: where workers can read tokenizer_json themselves (the local runner); None: carried inline."""
+    tokenizer = TokenizerRef.of(tokenizer_json, path=tokenizer_path)
     read = p | "ReadDocuments" >> ReadDocuments([path for path, _ in inputs], config.source)
     clean = read.records | "Clean" >> Clean(config.source)
-    tok = clean.docs | "Tokenize" >> Tokenize(tokenizer_json, threads=threads)
+    tok = clean.docs | "Tokenize" >> Tokenize(tokenizer, threads=threads)
     packed = tok.tokdocs | "Pack" >> Pack(config.pack, info, config.data_hash())
     entries = (packed.sequences
                | "AssignShards" >> AssignShards(config.shard.num_shards)
@@ -288,6 +336,6 @@ def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]]
              tok.rejects | "TagNoTokens" >> beam.Map(lambda r: ("reject", r)),
              read.stats | "TagReadStats" >> beam.Map(lambda d: ("stats", d)),
              packed.stats | "TagPackStats" >> beam.Map(lambda d: ("stats", d))]
-    index = parts | "Flatten" >> beam.Flatten() | "WriteIndex" >> WriteIndex(config, info, inputs, tokenizer_json)
+    index = parts | "Flatten" >> beam.Flatten() | "WriteIndex" >> WriteIndex(config, info, inputs, tokenizer)
     return {"records": read.records, "docs": clean.docs, "rejects": (clean.rejects, tok.rejects),
             "sequences": packed.sequences, "entries": entries, "index": index}

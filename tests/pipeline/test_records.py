@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import packing, sources
 from pipeline.config import PackConfig, ShardConfig, SourceConfig
+from pipeline.encoder import word_starts_from_ids
 from pipeline.tokenizer import SPECIALS, convert_gpt2, describe, load_tokenizer, train
 
 
@@ -93,7 +94,7 @@ def test_bert_tokenizer_facts(bert_json):
 def test_word_starts_follow_word_ids_of_the_tokenizer(bert_json):
     tok, _, _ = load_tokenizer(str(bert_json))
     enc = tok.encode("Unbelievable tokenization, 中文", add_special_tokens=False)
-    starts = packing.word_starts_from_ids(enc.word_ids)
+    starts = word_starts_from_ids(enc.word_ids)
     pieces = [t for t, s in zip(enc.tokens, starts) if not s]
     assert pieces and all(t.startswith("##") for t in pieces)   # continuation pieces only
     assert starts[enc.tokens.index("中")] and starts[enc.tokens.index("文")]   # CJK characters split
@@ -177,12 +178,3 @@ def test_configs_refuse_bad_values_naming_the_fix(cls, kw, match):
     with pytest.raises(ValueError, match=match):
         cls(**kw)
 
-
-def test_wordpiece_table_word_starts_equal_those_of_word_ids(bert_json, sotu_texts):
-    tok, _, _ = load_tokenizer(str(bert_json))
-    table = packing.word_start_table(tok)
-    docs = [sources.Doc("f", i, 0, 0, t) for i, t in enumerate(sotu_texts[:6] + ["中文 x,y ##z [MASK] café"])]
-    fast, _ = packing.tokenize_group(tok, docs, table)
-    slow, _ = packing.tokenize_group(tok, docs, None)
-    for a, b in zip(fast, slow):
-        assert (a.ids == b.ids).all() and (a.word_starts == b.word_starts).all()

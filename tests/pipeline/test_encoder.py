@@ -1,0 +1,99 @@
+"""pipeline/encoder.py: its shortcuts give exactly the ids and word starts of a plain encode_batch."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from pipeline.encoder import AsciiPath, Encoder, word_start_table, word_starts_from_ids
+from pipeline.tokenizer import convert_gpt2, load_tokenizer
+
+TRICKY = [
+    "4 and 4 1\x02 per cent bonds",            # a control character: removed by clean_text, joins 1 and per
+    "tab\tnew\nline\rcr form\x0cfeed\x0bvt \x7fdel \x00nul \x1fus end",
+    "[MASK] is special, [mask] and [Mask] are not; [CLS][SEP]",
+    "THE People OF The UNITED States!!! e.g. U.S.A., 1,000.50 $5 #hash ##piece @at ~tilde `tick`",
+    "Ünïcödé café naïve 中文字符 résumé",        # not ASCII: the full path
+    "<s>hello</s> <S>HELLO</S> <mask> <MASK> <pad>",
+    "", " ", "\x01\x02", "a" * 300, "x" + "\x7f" * 5 + "y",
+]
+
+
+def reference(tok, texts):
+    """What a plain encode_batch gives: ids and word starts from word ids."""
+    return [(np.asarray(e.ids, dtype=np.uint32), word_starts_from_ids(e.word_ids))
+            for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def assert_same(encoder, tok, texts):
+    got, want = encoder.encode(texts), reference(tok, texts)
+    assert len(got) == len(want)
+    for i, ((a, sa), (b, sb)) in enumerate(zip(got, want)):
+        assert np.array_equal(a, b), f"ids differ for text {i}: {texts[i][:60]!r}"
+        assert np.array_equal(sa, sb), f"word starts differ for text {i}: {texts[i][:60]!r}"
+
+
+@pytest.fixture(scope="module")
+def bert(bert_json):
+    return load_tokenizer(str(bert_json))[0]
+
+
+@pytest.fixture(scope="module")
+def gpt2(shared_data):
+    d = shared_data / "tokenizers"
+    return convert_gpt2(str(d / "gpt2-vocab.json"), str(d / "gpt2-merges.txt"))
+
+
+def test_bert_on_the_whole_sotu_corpus_gives_the_plain_ids_mostly_through_the_ascii_path(bert, sotu_texts):
+    encoder = Encoder(bert)
+    assert encoder.ascii is not None and encoder.table is not None
+    assert sum(encoder.ascii.take(t) is not None for t in sotu_texts) >= 200   # the shortcut is really taken
+    assert_same(encoder, bert, sotu_texts)
+
+
+def test_bert_on_chinese_prose_and_tricky_strings(bert, shared_data):
+    with gzip.open(shared_data / "debian-reference-zh.jsonl.gz", "rt") as f:
+        zh = [json.loads(line)["text"] for line in f]
+    assert_same(Encoder(bert), bert, zh + TRICKY)
+    path = Encoder(bert).ascii
+    assert path.take("[MASK] here") is None and path.take("[Mask] HERE") == "[mask] here"   # only "[MASK]" is special
+
+
+def test_byte_level_bpe_with_and_without_a_normalizer(gpt2, sotu_texts):
+    assert_same(Encoder(gpt2), gpt2, sotu_texts[:40] + TRICKY)      # no normalizer: nothing to skip
+    nfc = Tokenizer.from_str(gpt2.to_str())
+    nfc.normalizer = normalizers.NFC()                                # what `tokenizer train --kind bpe` sets
+    encoder = Encoder(nfc)
+    assert encoder.ascii is not None and encoder.table is None
+    assert_same(encoder, nfc, sotu_texts[:40] + TRICKY)
+
+
+def test_a_lowercasing_normalizer_never_makes_an_added_token_out_of_raw_text():
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "<": 1, "s": 2, ">": 3, "hi": 4, "[UNK]": 5}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(["<s>"])
+    texts = ["hi <S> hi", "HI <s>", "hi"]
+    encoder = Encoder(tok)
+    assert encoder.ascii is not None and [encoder.ascii.take(t) for t in texts] == [None, None, "hi"]
+    assert_same(encoder, tok, texts)
+
+
+@pytest.mark.parametrize("normalizer", [normalizers.Replace("a", "bb"), normalizers.Strip(),
+                                        normalizers.Sequence([normalizers.Lowercase(), normalizers.Prepend("_")])])
+def test_normalizers_that_are_not_per_character_keep_the_full_path(bert, sotu_texts, normalizer):
+    tok = Tokenizer.from_str(bert.to_str())
+    tok.normalizer = normalizer
+    encoder = Encoder(tok)
+    assert encoder.ascii is None
+    assert_same(encoder, tok, sotu_texts[:3] + TRICKY)
+
+
+def test_ascii_table_is_read_off_the_normalizer(bert):
+    path = AsciiPath.build(bert)
+    assert set(path.delete) == set(range(0, 9)) | {0x0B, 0x0C} | set(range(0x0E, 0x20)) | {0x7F}
+    assert path.normalize("A\tB\x02c") == "a bc"
+    assert word_start_table(bert)[bert.token_to_id("##s")] == 0 and word_start_table(bert)[bert.token_to_id("the")]
