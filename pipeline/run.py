@@ -165,7 +165,8 @@ def run(argv=None) -> dict:
         print(f"preprocess: {len(inputs)} file(s), {sum(n for _, n in inputs) / 1e6:.1f} MB -> "
               f"{config.shard.output}", file=sys.stderr, flush=True)
     p = beam.Pipeline(runner=runner, options=options) if runner else beam.Pipeline(options=options)
-    stages.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs, threads=threads)
+    stages.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs, threads=threads,
+                 tokenizer_path=args.tokenizer if runner is not None else None)
     with progress.Bar(None, enabled=runner is not None and not args.quiet and sys.stderr.isatty(),
                       desc="tokenized chars"):
         result = p.run()
@@ -181,15 +182,44 @@ def run(argv=None) -> dict:
     return index
 
 
+# NOTE: Beam imports every optional client library it finds installed (apache-beam[gcp] brings ~400 modules:
+# BigQuery, Pub/Sub, Dataflow, GCS, auth; MongoDB comes with Beam itself): 0.3-0.5 s of a 3 s SOTU job. A run on
+# the local runner with local files needs none of them, so for such runs they look uninstalled, which Beam
+# handles as it does on a lean install (it skips those connectors).
+CLOUD_CLIENTS = ("apache_beam.io.gcp", "google.cloud", "google.api_core", "google.auth", "google.pubsub_v1", "apitools", "oauth2client",
+                 "pymongo", "bson")
+
+
+class _SkipCloudClients:
+    """A sys.meta_path finder that makes CLOUD_CLIENTS look uninstalled."""
+    def find_spec(self, name, path=None, target=None):
+        if any(name == c or name.startswith(c + ".") for c in CLOUD_CLIENTS):
+            raise ModuleNotFoundError(f"{name} is not loaded on a local run with local files", name=name)
+        return None
+
+
+def local_files_only(argv) -> bool:
+    """True for a run on the local runner whose inputs, tokenizer and output are all local paths."""
+    args, beam_args = parse(argv)
+    runner = argparse.ArgumentParser(add_help=False)
+    runner.add_argument("--runner")
+    paths = [*args.input, args.tokenizer, args.output]
+    return runner.parse_known_args(beam_args)[0].runner in LOCAL_RUNNERS and not any("://" in p for p in paths)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # multi-process workers relay their start-up warnings (no semi_persistent_directory, discarded args)
     # through the local job service: noise to a user; real failures still surface as errors
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     import gc
-
+    argv = sys.argv[1:] if argv is None else argv
+    if local_files_only(argv):
+        sys.meta_path.insert(0, _SkipCloudClients())
+        logging.disable(logging.WARNING)     # Beam's warnings that a skipped connector is unavailable
     import apache_beam  # noqa: F401
     from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: F401
+    logging.disable(logging.NOTSET)
     # NOTE: the ~160k objects of Beam's modules never die; frozen, the collector stops walking them in every
     # full collection and at exit (0.5 s of a 6 s SOTU run). Only here, in a one-job process: not in run().
     gc.freeze()

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import packing, sources
+from pipeline import packing, sources, stages
 from pipeline import run as pipeline_run
+from pipeline.encoder import Encoder
 from pipeline.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,13 +36,13 @@ def test_local_mode_contradicting_beams_running_mode_is_refused():
 
 def test_several_groups_in_one_encode_call_equal_one_call_per_group(bert_json, sotu_texts):
     tok, _, _ = load_tokenizer(str(bert_json))
-    table = packing.word_start_table(tok)
+    encoder = Encoder(tok)
     groups = [[sources.Doc("f", g * 10 + i, 0, g, t) for i, t in enumerate(sotu_texts[g * 3:g * 3 + 3])]
               for g in range(3)]
     groups[1].append(sources.Doc("f", 19, 0, 1, "\u200b"))       # no tokens: rejected in its own group
-    together = packing.tokenize_groups(tok, groups, table)
+    together = packing.tokenize_groups(encoder, groups)
     for docs, (tokdocs, rejects) in zip(groups, together):
-        alone, alone_rejects = packing.tokenize_group(tok, docs, table)
+        alone, alone_rejects = packing.tokenize_group(encoder, docs)
         assert [d.position for d in tokdocs] == [d.position for d in alone] and rejects == alone_rejects
         assert all((a.ids == b.ids).all() and (a.word_starts == b.word_starts).all() for a, b in zip(tokdocs, alone))
     assert [r.position for r in together[1][1]] == [19]
@@ -83,3 +84,32 @@ def test_job_killed_mid_write_then_rerun_leaves_exactly_the_clean_runs_files(hal
     assert any(p.name.startswith("shard-") for p in out.iterdir())   # e.g. shard-000000.tar.partial
     job([half_sotu], bert_json, out, *flags)
     assert hashes(out) == clean
+
+
+def test_tokenizer_read_by_path_must_not_change_while_the_job_runs(bert_json, tmp_path):
+    copy = tmp_path / "tok.json"
+    copy.write_bytes(bert_json.read_bytes())
+    ref = stages.TokenizerRef.of(copy.read_text(), path=str(copy))
+    inline = stages.TokenizerRef.of(copy.read_text())
+    assert ref.data is None and inline.path is None and ref.text() == inline.text() == copy.read_text()
+    copy.write_text(copy.read_text().replace('"[MASK]"', '"[MASQ]"'))
+    with pytest.raises(RuntimeError, match="changed while the job ran"):
+        ref.text()
+
+
+def test_local_runs_on_local_files_leave_beams_cloud_clients_unloaded(sotu_subset, bert_json, tmp_path, hashes,
+                                                                       job):
+    base = ["--input", str(sotu_subset), "--tokenizer", str(bert_json)]
+    assert pipeline_run.local_files_only([*base, "--output", "out"])
+    assert not pipeline_run.local_files_only([*base, "--output", "gs://bucket/out"])
+    assert not pipeline_run.local_files_only([*base, "--output", "out", "--runner", "DataflowRunner"])
+    # NOTE: google.cloud itself, an empty namespace package, is made at start-up by the packages' .pth files
+    probe = ("import sys; from pipeline import run; run.main(sys.argv[1:]); "
+             "print(sorted({m.split('.')[0] + '.' + m.split('.')[1] for m in sys.modules "
+             "if m.startswith(('google.cloud.', 'apache_beam.io.gcp', 'pymongo.'))}))")
+    proc = subprocess.run([sys.executable, "-c", probe, *base, "--output", str(tmp_path / "a"), "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]" and "WARNING" not in proc.stderr, proc.stderr[-2000:]
+    job([sotu_subset], bert_json, tmp_path / "b")                    # in this process, everything loaded
+    tars = {k: v for k, v in hashes(tmp_path / "a").items() if k.endswith(".tar")}
+    assert tars and tars == {k: v for k, v in hashes(tmp_path / "b").items() if k.endswith(".tar")}
