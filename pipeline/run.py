@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -182,29 +183,36 @@ def run(argv=None) -> dict:
     return index
 
 
-# NOTE: Beam imports every optional client library it finds installed (apache-beam[gcp] brings ~400 modules:
-# BigQuery, Pub/Sub, Dataflow, GCS, auth; MongoDB comes with Beam itself): 0.3-0.5 s of a 3 s SOTU job. A run on
-# the local runner with local files needs none of them, so for such runs they look uninstalled, which Beam
-# handles as it does on a lean install (it skips those connectors).
-CLOUD_CLIENTS = ("apache_beam.io.gcp", "google.cloud", "google.api_core", "google.auth", "google.pubsub_v1", "apitools", "oauth2client",
-                 "pymongo", "bson")
+# NOTE: Beam imports every optional library it finds installed (apache-beam[gcp] brings ~400 modules: BigQuery,
+# Pub/Sub, Dataflow, GCS, auth; MongoDB and pyarrow come with Beam itself): 0.4-0.6 s of a 3 s SOTU job. A run on
+# the local runner with local files needs no cloud client, and one without Parquet inputs no pyarrow, so for
+# such runs they look uninstalled, which Beam handles as on a lean install (it skips those connectors).
+CLOUD_CLIENTS = ("apache_beam.io.gcp", "google.cloud", "google.api_core", "google.auth", "google.pubsub_v1",
+                 "apitools", "oauth2client", "pymongo", "bson")
+NOT_PARQUET = re.compile(r"\.(txt|jsonl|json)(\.gz)?$")
 
 
-class _SkipCloudClients:
-    """A sys.meta_path finder that makes CLOUD_CLIENTS look uninstalled."""
+class _Skip:
+    """A sys.meta_path finder that makes the named packages look uninstalled."""
+    def __init__(self, packages: tuple[str, ...]):
+        self.packages = packages
+
     def find_spec(self, name, path=None, target=None):
-        if any(name == c or name.startswith(c + ".") for c in CLOUD_CLIENTS):
-            raise ModuleNotFoundError(f"{name} is not loaded on a local run with local files", name=name)
+        if any(name == p or name.startswith(p + ".") for p in self.packages):
+            raise ModuleNotFoundError(f"{name} is not loaded by this run (local runner, local files)", name=name)
         return None
 
 
-def local_files_only(argv) -> bool:
-    """True for a run on the local runner whose inputs, tokenizer and output are all local paths."""
+def unneeded_packages(argv) -> tuple[str, ...]:
+    """Packages a run does without: the cloud clients on the local runner with local inputs, tokenizer and output;
+    pyarrow too when every input is named as text or JSONL."""
     args, beam_args = parse(argv)
     runner = argparse.ArgumentParser(add_help=False)
     runner.add_argument("--runner")
     paths = [*args.input, args.tokenizer, args.output]
-    return runner.parse_known_args(beam_args)[0].runner in LOCAL_RUNNERS and not any("://" in p for p in paths)
+    if runner.parse_known_args(beam_args)[0].runner not in LOCAL_RUNNERS or any("://" in p for p in paths):
+        return ()
+    return CLOUD_CLIENTS + (("pyarrow",) if all(NOT_PARQUET.search(i) for i in args.input) else ())
 
 
 def main(argv=None) -> int:
@@ -214,8 +222,9 @@ def main(argv=None) -> int:
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     import gc
     argv = sys.argv[1:] if argv is None else argv
-    if local_files_only(argv):
-        sys.meta_path.insert(0, _SkipCloudClients())
+    skip = unneeded_packages(argv)
+    if skip:
+        sys.meta_path.insert(0, _Skip(skip))
         logging.disable(logging.WARNING)     # Beam's warnings that a skipped connector is unavailable
     import apache_beam  # noqa: F401
     from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: F401

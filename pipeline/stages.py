@@ -142,12 +142,14 @@ class _Tokenize(beam.DoFn):
 
     def start_bundle(self):
         self.buffer, self.buffered, self.pending = [], 0, collections.deque()
+        self.limit = self.batch_chars // 8      # doubles per batch: the cores start work after the first group
 
     def process(self, element):
         key, docs = element
         self.buffer.append((key, docs))
         self.buffered += sum(len(d.text) for d in docs)
-        if self.buffered >= self.batch_chars:
+        if self.buffered >= self.limit:
+            self.limit = min(2 * self.limit, self.batch_chars)
             yield from self._flush(lambda x: x)
 
     def finish_bundle(self):
@@ -312,7 +314,7 @@ class WriteIndex(beam.PTransform):
     def expand(self, parts):
         # NOTE: CombineGlobally waits for its whole input, so index.json is written after the last shard.
         return (parts
-                | "Gather" >> beam.CombineGlobally(_Gather())
+                | "Gather" >> beam.CombineGlobally(_Gather()).without_defaults()   # never empty: STATS per file
                 | "Write" >> beam.Map(_finish, config=self.config, info=self.info, inputs=self.inputs,
                                       tokenizer=self.tokenizer))
 

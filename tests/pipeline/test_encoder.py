@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import string
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from pipeline.encoder import AsciiPath, Encoder, word_start_table, word_starts_from_ids
+from pipeline.encoder import AsciiPath, Encoder, space_out, word_start_table, word_starts_from_ids
 from pipeline.tokenizer import convert_gpt2, load_tokenizer
 
 TRICKY = [
@@ -59,7 +60,7 @@ def test_bert_on_chinese_prose_and_tricky_strings(bert, shared_data):
         zh = [json.loads(line)["text"] for line in f]
     assert_same(Encoder(bert), bert, zh + TRICKY)
     path = Encoder(bert).ascii
-    assert path.take("[MASK] here") is None and path.take("[Mask] HERE") == "[mask] here"   # only "[MASK]" is special
+    assert path.take("[MASK] here") is None and path.take("[Mask] HERE") == " [ mask ]  here"   # only "[MASK]" is special
 
 
 def test_byte_level_bpe_with_and_without_a_normalizer(gpt2, sotu_texts):
@@ -92,8 +93,10 @@ def test_normalizers_that_are_not_per_character_keep_the_full_path(bert, sotu_te
     assert_same(encoder, tok, sotu_texts[:3] + TRICKY)
 
 
-def test_ascii_table_is_read_off_the_normalizer(bert):
+def test_ascii_rules_are_read_off_the_normalizer_and_pre_tokenizer(bert):
     path = AsciiPath.build(bert)
     assert set(path.delete) == set(range(0, 9)) | {0x0B, 0x0C} | set(range(0x0E, 0x20)) | {0x7F}
     assert path.normalize("A\tB\x02c") == "a bc"
+    assert {chr(c) for c in np.flatnonzero(path.isolate)} == set(string.punctuation)
+    assert space_out("u.s.a., ok", path.isolate) == "u . s . a .  ,  ok"
     assert word_start_table(bert)[bert.token_to_id("##s")] == 0 and word_start_table(bert)[bert.token_to_id("the")]

@@ -97,16 +97,17 @@ def test_tokenizer_read_by_path_must_not_change_while_the_job_runs(bert_json, tm
         ref.text()
 
 
-def test_local_runs_on_local_files_leave_beams_cloud_clients_unloaded(sotu_subset, bert_json, tmp_path, hashes,
+def test_local_runs_on_local_text_files_leave_beams_cloud_clients_and_pyarrow_unloaded(sotu_subset, bert_json, tmp_path, hashes,
                                                                        job):
     base = ["--input", str(sotu_subset), "--tokenizer", str(bert_json)]
-    assert pipeline_run.local_files_only([*base, "--output", "out"])
-    assert not pipeline_run.local_files_only([*base, "--output", "gs://bucket/out"])
-    assert not pipeline_run.local_files_only([*base, "--output", "out", "--runner", "DataflowRunner"])
+    assert pipeline_run.unneeded_packages([*base, "--output", "out"]) == (*pipeline_run.CLOUD_CLIENTS, "pyarrow")
+    assert pipeline_run.unneeded_packages([*base, "--input", "x/*", "--output", "o"]) == pipeline_run.CLOUD_CLIENTS
+    assert not pipeline_run.unneeded_packages([*base, "--output", "gs://bucket/out"])
+    assert not pipeline_run.unneeded_packages([*base, "--output", "out", "--runner", "DataflowRunner"])
     # NOTE: google.cloud itself, an empty namespace package, is made at start-up by the packages' .pth files
     probe = ("import sys; from pipeline import run; run.main(sys.argv[1:]); "
              "print(sorted({m.split('.')[0] + '.' + m.split('.')[1] for m in sys.modules "
-             "if m.startswith(('google.cloud.', 'apache_beam.io.gcp', 'pymongo.'))}))")
+             "if m.startswith(('google.cloud.', 'apache_beam.io.gcp', 'pymongo.', 'pyarrow.'))}))")
     proc = subprocess.run([sys.executable, "-c", probe, *base, "--output", str(tmp_path / "a"), "--quiet"],
                           cwd=ROOT, capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]" and "WARNING" not in proc.stderr, proc.stderr[-2000:]
