@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", action="append", default=None,
                         help="extra input corpus for the pipeline benchmark (repeatable)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="pipeline: runs of the job and its anchors, medians compared (default 3)")
     parser.add_argument("--workdir", default=None, help="where to write shards (default: a temp dir)")
     args = parser.parse_args(argv)
     rows = []

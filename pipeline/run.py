@@ -10,8 +10,8 @@ downloaded, in one of two modes (`--local-mode`; Beam's `--direct_running_mode`,
                     pack groups are reshuffled so the workers share a file.
   auto (default)    in_memory on up to AUTO_IN_MEMORY_CORES cores or for inputs up to AUTO_IN_MEMORY_BYTES
                     (file sizes as stored), else multi_processing. Measured on 2 cores (SOTU, 10.8 MB of
-                    text): in_memory 5-6 s end to end, multi_processing 12-15 s, of which ~3 s start the
-                    workers (each imports Beam) and ~1 s stops them; on SOTU x4 in_memory was 25-35 % faster.
+                    text): in_memory 2.0-2.7 s end to end, multi_processing 6 s, of which ~3 s start the
+                    workers (each imports Beam) and ~1 s stops them.
                     The byte threshold for more cores is an estimate (tokenizing ~1.8 MB/s per core either
                     way, ~0.04 s/MB of serial Python in one process against ~4 s to start workers).
 The output is byte-identical in every mode (tests compare them). `multi_threading` mode is refused.
