@@ -70,22 +70,26 @@ def _encode(texts) -> int:
     return sum(len(e.ids) for e in _TOK.encode_batch(texts, add_special_tokens=False))
 
 
+def chunked(texts: list[str], chars: int) -> list[list[str]]:
+    """Consecutive texts in lists of about `chars` characters."""
+    out, cur, size = [], [], 0
+    for t in texts:
+        cur.append(t)
+        size += len(t)
+        if size >= chars:
+            out.append(cur)
+            cur, size = [], 0
+    return out + ([cur] if cur else [])
+
+
 def encoder_pass(tokenizer_path: str, texts: list[str]) -> float:
     """Seconds for the job's Encoder over all texts (2 MB batches, as the job encodes them)."""
     from pipeline.encoder import Encoder
     from pipeline.tokenizer import load_tokenizer
     encoder = Encoder(load_tokenizer(tokenizer_path)[0])
     encoder.encode(texts[:8])
-    batches, cur, size = [], [], 0
-    for t in texts:
-        cur.append(t)
-        size += len(t)
-        if size >= 2 << 20:
-            batches.append(cur)
-            cur, size = [], 0
-    batches += [cur] if cur else []
     t0 = time.perf_counter()
-    for b in batches:
+    for b in chunked(texts, 2 << 20):
         encoder.encode(b)
     return time.perf_counter() - t0
 
@@ -102,14 +106,7 @@ def raw_fast(tokenizer_path: str, texts: list[str]) -> float:
 
 def pool_pass(tokenizer_path: str, texts: list[str], workers: int) -> float:
     """Seconds for a multiprocessing.Pool tokenizing ~1 MB chunks with single-threaded encode_batch."""
-    chunks, cur, size = [], [], 0
-    for t in texts:
-        cur.append(t)
-        size += len(t)
-        if size >= 1 << 20:
-            chunks.append(cur)
-            cur, size = [], 0
-    chunks += [cur] if cur else []
+    chunks = chunked(texts, 1 << 20)
     ctx = mp.get_context("spawn")   # NOTE: no fork of a process whose Rust thread pool already started
     with ctx.Pool(workers, initializer=_init, initargs=(tokenizer_path,)) as pool:
         pool.map(_encode, [chunks[0][:1]] * workers)   # workers started and tokenizer loaded: not timed
