@@ -108,9 +108,17 @@ def pipeline_options(beam_args: list[str], *, local_mode: str = "auto", input_by
     return options, local_runner(options)
 
 
+LOCAL_SAMPLING_MS = 10
+
+
 def local_runner(options):
     """The FnApiRunner as SwitchingDirectRunner would build it for a batch job, minus its Prism attempt."""
     from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.worker import statesampler
+    # NOTE: every bundle ends by joining Beam's state-sampler thread, which sleeps up to its period (200 ms by
+    # default) before it notices: 0.07-0.1 s of a 2.5 s SOTU run here. Its samples only feed msecs counters.
+    # Beam has no option for it, and the default is bound into the constructor, hence this.
+    statesampler.StateSampler.__init__.__defaults__ = (LOCAL_SAMPLING_MS,)
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
@@ -166,8 +174,9 @@ def run(argv=None) -> dict:
         print(f"preprocess: {len(inputs)} file(s), {sum(n for _, n in inputs) / 1e6:.1f} MB -> "
               f"{config.shard.output}", file=sys.stderr, flush=True)
     p = beam.Pipeline(runner=runner, options=options) if runner else beam.Pipeline(options=options)
+    local_path = os.path.abspath(args.tokenizer) if "://" not in args.tokenizer else args.tokenizer
     stages.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs, threads=threads,
-                 tokenizer_path=args.tokenizer if runner is not None else None)
+                 tokenizer_path=local_path if runner is not None else None)   # local workers read it themselves
     with progress.Bar(None, enabled=runner is not None and not args.quiet and sys.stderr.isatty(),
                       desc="tokenized chars"):
         result = p.run()

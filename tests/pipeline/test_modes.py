@@ -27,6 +27,12 @@ def test_auto_mode_is_one_process_on_few_cores_or_small_inputs():
     assert pipeline_run.auto_mode(16, 10 << 30) == "multi_processing"
 
 
+def test_local_runner_samples_state_often_so_bundles_end_without_a_200_ms_wait():
+    from apache_beam.runners.worker import statesampler
+    pipeline_run.pipeline_options([], local_mode="in_memory")
+    assert statesampler.StateSampler("s", None).sampling_period_ms == pipeline_run.LOCAL_SAMPLING_MS
+
+
 def test_local_mode_contradicting_beams_running_mode_is_refused():
     with pytest.raises(SystemExit, match="contradicts"):
         pipeline_run.pipeline_options(["--direct_running_mode=multi_processing"], local_mode="in_memory")
