@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-env clean
+.PHONY: install bytecode demo test bench bench-env clean
 
 install: $(STAMP)
 
@@ -17,10 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test,dataflow,remote]'
 	touch $(STAMP)
 
-demo: install
+# NOTE: the project is installed editable, so pip compiles none of its own modules; compiled here, every
+# fresh process (each `maskstream` command, each Beam worker) skips compiling them, 20-80 ms, also where
+# PYTHONDONTWRITEBYTECODE is set (as on our machines). Stale files are recompiled.
+bytecode: install
+	$(BIN)/python -m compileall -q pipeline loader trainer bench maskstream_cli.py
+
+demo: bytecode
 	$(BIN)/maskstream demo
 
-test: install
+test: bytecode
 	$(BIN)/python -m pytest -q tests
 
 $(VENV)/.bench: $(STAMP)
@@ -29,7 +35,7 @@ $(VENV)/.bench: $(STAMP)
 
 bench-env: $(VENV)/.bench
 
-bench: bench-env
+bench: bench-env bytecode
 	$(BIN)/maskstream bench
 
 clean:

@@ -25,12 +25,10 @@ import numpy as np
 PER_CHAR_ON_ASCII = {"BertNormalizer", "NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents"}
 
 
-def word_start_table(tok, spec: dict | None = None) -> np.ndarray | None:
-    """(V,) bool: True for ids that begin a word, for WordPiece models; None for other models.
-    spec: the tokenizer's JSON, parsed (read off tok when not given)."""
-    model = (spec or json.loads(tok.to_str())).get("model", {})
-    prefix = model.get("continuing_subword_prefix")
-    if model.get("type") != "WordPiece" or not prefix:
+def word_start_table(tok) -> np.ndarray | None:
+    """(V,) bool: True for ids that begin a word, for WordPiece models; None for other models."""
+    prefix = getattr(tok.model, "continuing_subword_prefix", None)
+    if type(tok.model).__name__ != "WordPiece" or not prefix:
         return None
     table = np.ones(tok.get_vocab_size(with_added_tokens=True), dtype=bool)
     for token, i in tok.get_vocab(with_added_tokens=False).items():
@@ -68,9 +66,9 @@ def _normalizer_table(tok) -> tuple[bytes, bytes] | None:
     return bytes(table), bytes(delete)
 
 
-def _isolated(tok, spec: dict) -> np.ndarray | None:
+def _isolated(tok) -> np.ndarray | None:
     """(256,) bool of the ASCII characters BertPreTokenizer makes words of their own (punctuation), read off it."""
-    if (spec.get("pre_tokenizer") or {}).get("type") != "BertPreTokenizer":
+    if type(tok.pre_tokenizer).__name__ != "BertPreTokenizer":
         return None
     isolate = np.zeros(256, dtype=bool)
     for c in range(33, 127):
@@ -98,17 +96,16 @@ class AsciiPath:
         self.plain, self.table, self.delete, self.isolate, self.added = plain, table, delete, isolate, added
 
     @classmethod
-    def build(cls, tok, text: str | None = None, spec: dict | None = None) -> "AsciiPath | None":
-        """text, spec: the tokenizer's JSON and its parse (read off tok when not given)."""
+    def build(cls, tok, text: str | None = None) -> "AsciiPath | None":
+        """text: the tokenizer's JSON (read off tok when not given)."""
         from tokenizers import Tokenizer, pre_tokenizers
-        text = text or tok.to_str()
-        spec = spec or json.loads(text)
-        tables = _normalizer_table(tok) if _per_char_on_ascii(spec.get("normalizer")) else None
+        spec = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else None
+        tables = _normalizer_table(tok) if _per_char_on_ascii(spec) else None
         if tables is None:
             return None
-        plain = Tokenizer.from_str(text)
+        plain = Tokenizer.from_str(text or tok.to_str())
         plain.normalizer = None
-        isolate = _isolated(tok, spec)
+        isolate = _isolated(tok)
         if isolate is not None:
             plain.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         path = cls(plain, *tables, isolate, tuple(t.content for t in tok.get_added_tokens_decoder().values()))
@@ -142,12 +139,11 @@ class AsciiPath:
 class Encoder:
     """tok.encode_batch for the pipeline: texts -> [(ids uint32, word starts bool)], shortcuts taken where exact."""
 
-    def __init__(self, tok, *, ascii_path: bool = True):
+    def __init__(self, tok, *, text: str | None = None, ascii_path: bool = True):
+        """text: tok's JSON, when at hand (saves serializing it again)."""
         self.tok = tok
-        text = tok.to_str()
-        spec = json.loads(text)
-        self.table = word_start_table(tok, spec)
-        self.ascii = AsciiPath.build(tok, text, spec) if ascii_path else None
+        self.table = word_start_table(tok)
+        self.ascii = AsciiPath.build(tok, text) if ascii_path else None
         self.side: ThreadPoolExecutor | None = None
 
     def encode(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
