@@ -94,6 +94,7 @@ class AsciiPath:
 
     def __init__(self, plain, table: bytes, delete: bytes, isolate: np.ndarray | None, added: tuple[str, ...]):
         self.plain, self.table, self.delete, self.isolate, self.added = plain, table, delete, isolate, added
+        self.firsts = sorted({a[0] for a in added if a})
 
     @classmethod
     def build(cls, tok, text: str | None = None) -> "AsciiPath | None":
@@ -125,15 +126,20 @@ class AsciiPath:
 
     def take(self, text: str) -> str | None:
         """What `plain` must encode to give the full tokenizer's ids for text, or None when this path can't."""
-        if not text.isascii() or any(a in text for a in self.added):
+        if not text.isascii() or self._holds_added(text):
             return None
         norm = self.normalize(text)
-        if any(a in norm for a in self.added):
+        if self._holds_added(norm):
             return None
         if self.isolate is None:
             return norm
         spaced = space_out(norm, self.isolate)
-        return None if any(a in spaced for a in self.added) else spaced
+        return None if self._holds_added(spaced) else spaced
+
+    def _holds_added(self, text: str) -> bool:
+        # NOTE: first a search for each added token's first character (one memchr for BERT's "[..]"), which
+        # most documents lack; the whole texts only where it is found
+        return any(c in text for c in self.firsts) and any(a in text for a in self.added)
 
 
 class Encoder:
