@@ -97,18 +97,16 @@ class AsciiPath:
         self.firsts = sorted({a[0] for a in added if a})
 
     @classmethod
-    def build(cls, tok, text: str | None = None) -> "AsciiPath | None":
-        """text: the tokenizer's JSON (read off tok when not given)."""
+    def build(cls, tok) -> "AsciiPath | None":
         from tokenizers import Tokenizer, pre_tokenizers
         spec = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else None
         tables = _normalizer_table(tok) if _per_char_on_ascii(spec) else None
         if tables is None:
             return None
-        plain = Tokenizer.from_str(text or tok.to_str())
-        plain.normalizer = None
+        # NOTE: plain shares tok's model (no copy). It has no added tokens: it only sees texts without their text
         isolate = _isolated(tok)
-        if isolate is not None:
-            plain.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        plain = Tokenizer(tok.model)
+        plain.pre_tokenizer = pre_tokenizers.WhitespaceSplit() if isolate is not None else tok.pre_tokenizer
         path = cls(plain, *tables, isolate, tuple(t.content for t in tok.get_added_tokens_decoder().values()))
         probe = _probe()
         norm = tok.normalizer.normalize_str(probe) if tok.normalizer is not None else probe
@@ -145,11 +143,10 @@ class AsciiPath:
 class Encoder:
     """tok.encode_batch for the pipeline: texts -> [(ids uint32, word starts bool)], shortcuts taken where exact."""
 
-    def __init__(self, tok, *, text: str | None = None, ascii_path: bool = True):
-        """text: tok's JSON, when at hand (saves serializing it again)."""
+    def __init__(self, tok, *, ascii_path: bool = True):
         self.tok = tok
         self.table = word_start_table(tok)
-        self.ascii = AsciiPath.build(tok, text) if ascii_path else None
+        self.ascii = AsciiPath.build(tok) if ascii_path else None
         self.side: ThreadPoolExecutor | None = None
 
     def encode(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:

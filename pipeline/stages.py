@@ -132,8 +132,7 @@ class _Tokenize(beam.DoFn):
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.threads else "false"
         from pipeline.encoder import Encoder
         from pipeline.tokenizer import tokenizer_from_json
-        text = self.tokenizer.text()
-        self.encoder = Encoder(tokenizer_from_json(text), text=text)
+        self.encoder = Encoder(tokenizer_from_json(self.tokenizer.text()))
         self.ahead = ThreadPoolExecutor(1, thread_name_prefix="tokenize") if self.threads else None
         self.progress = progress.Reporter()   # local runner only
 
