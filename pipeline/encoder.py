@@ -141,13 +141,14 @@ class AsciiPath:
 
 
 class Encoder:
-    """tok.encode_batch for the pipeline: texts -> [(ids uint32, word starts bool)], shortcuts taken where exact."""
+    """tok.encode_batch for the pipeline: texts -> [(ids uint32, word starts bool)], shortcuts taken where exact.
+    encode() may be called from several threads at once."""
 
     def __init__(self, tok, *, ascii_path: bool = True):
         self.tok = tok
         self.table = word_start_table(tok)
         self.ascii = AsciiPath.build(tok) if ascii_path else None
-        self.side: ThreadPoolExecutor | None = None
+        self.side = ThreadPoolExecutor(1, thread_name_prefix="encode-full")   # its thread starts on first use
 
     def encode(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         if self.ascii is None:
@@ -163,18 +164,13 @@ class Encoder:
                 out[i] = piece
         # NOTE: both calls at once (the tokenizer releases the GIL; they share its thread pool), so the few
         # full-path documents do not leave cores idle at the end of a batch
-        side = self._side().submit(run, self.tok, full) if fast and full else None
+        side = self.side.submit(run, self.tok, full) if fast and full else None
         run(self.ascii.plain, fast)
         if side is None:
             run(self.tok, full)
         else:
             side.result()
         return out
-
-    def _side(self) -> ThreadPoolExecutor:
-        if self.side is None:
-            self.side = ThreadPoolExecutor(1, thread_name_prefix="encode-full")
-        return self.side
 
     def _encode(self, tok, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         if not texts:

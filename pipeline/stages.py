@@ -114,15 +114,18 @@ class Clean(beam.PTransform):
         return records | "Validate" >> beam.ParDo(_Clean(self.source)).with_outputs(REJECTS, main="docs")
 
 
+AHEAD = 2   # batches in flight in one-process mode: one's Python parts overlap another's encode (-0.05 s on SOTU)
+
+
 # ---- Tokenize ---------------------------------------------------------------------------------------------
 
 @beam.typehints.with_output_types(typing.Tuple[typing.Tuple[str, int], typing.Any])
 class _Tokenize(beam.DoFn):
     """Pack groups buffered up to batch_chars, then one encode call for all of them; the tokenizer is built
     once per worker, from its JSON text. threads (the one-process local mode): the tokenizer's Rust thread
-    pool uses every core, and a batch is encoded on a helper thread while this one reads, packs and shuffles
-    the groups around it (the tokenizer releases the GIL); otherwise one thread, as each worker process is
-    one core."""
+    pool uses every core, and batches are encoded on AHEAD helper threads while this one reads, packs and
+    shuffles the groups around them (the tokenizer releases the GIL); otherwise one thread, as each worker
+    process is one core."""
     def __init__(self, tokenizer: TokenizerRef, *, threads: bool = False, batch_chars: int = 2 << 20):
         self.tokenizer, self.threads, self.batch_chars = tokenizer, threads, batch_chars
         self.no_tokens = Metrics.counter(NS, f"rejected_{sources.NO_TOKENS}")
@@ -133,7 +136,7 @@ class _Tokenize(beam.DoFn):
         from pipeline.encoder import Encoder
         from pipeline.tokenizer import tokenizer_from_json
         self.encoder = Encoder(tokenizer_from_json(self.tokenizer.text()))
-        self.ahead = ThreadPoolExecutor(1, thread_name_prefix="tokenize") if self.threads else None
+        self.ahead = ThreadPoolExecutor(AHEAD, thread_name_prefix="tokenize") if self.threads else None
         self.progress = progress.Reporter()   # local runner only
 
     def teardown(self):
@@ -156,12 +159,12 @@ class _Tokenize(beam.DoFn):
         yield from self._flush(GlobalWindows.windowed_value, last=True)   # NOTE: outputs here need a window
 
     def _flush(self, wrap, *, last: bool = False):
-        """Start encoding the buffer; emit every finished batch but the newest (all of them when last)."""
+        """Start encoding the buffer; emit the oldest batches until AHEAD are in flight (none when last)."""
         if self.buffer:
             batch = (self.buffer, self.buffered)
             self.pending.append(self.ahead.submit(self._encode, *batch) if self.ahead else _done(self._encode(*batch)))
             self.buffer, self.buffered = [], 0
-        while len(self.pending) > (0 if last or self.ahead is None else 1):
+        while len(self.pending) > (0 if last or self.ahead is None else AHEAD):
             buffer, results, done = self.pending.popleft().result()
             self.progress.add(done)
             for (key, _), (tokdocs, rejects) in zip(buffer, results):
