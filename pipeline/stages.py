@@ -11,10 +11,8 @@ workers to spread them over. WriteShards groups sequences by shard (the job's on
 from __future__ import annotations
 
 import collections
-import hashlib
 import os
 import typing
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import apache_beam as beam
@@ -23,33 +21,11 @@ from apache_beam.transforms.window import GlobalWindows
 
 from loader.format import token_dtype
 from pipeline import packing, progress, shards, sources
+from pipeline.tokenizer import TokenizerRef
 
 NS = "maskstream"   # Beam metrics namespace
 REJECTS = "rejects"
 STATS = "stats"
-
-
-class TokenizerRef(typing.NamedTuple):
-    """How tokenizer.json reaches the workers: by path where they share the launcher's files (the local
-    runner), else inline as zlib bytes; its sha256 is checked either way.
-    NOTE: Beam's pickler bz2-compresses (level 9) a DoFn each time it is pickled or unpickled, three times per
-    ParDo and stage; the 0.7 MB BERT tokenizer carried inline was ~0.4 s of a 3.5 s SOTU job."""
-    sha256: str
-    path: str | None = None
-    data: bytes | None = None
-
-    @classmethod
-    def of(cls, text: str, *, path: str | None = None) -> "TokenizerRef":
-        sha = hashlib.sha256(text.encode()).hexdigest()
-        return cls(sha, path=path) if path else cls(sha, data=zlib.compress(text.encode(), 1))
-
-    def text(self) -> str:
-        from pipeline.tokenizer import read_bytes
-        raw = zlib.decompress(self.data) if self.data is not None else read_bytes(self.path)
-        if hashlib.sha256(raw).hexdigest() != self.sha256:
-            raise RuntimeError(f"{self.path} changed while the job ran (sha256 {self.sha256[:12]} expected); "
-                               "rerun the job with a tokenizer file that stays put")
-        return raw.decode()
 
 
 # ---- ReadDocuments ----------------------------------------------------------------------------------------

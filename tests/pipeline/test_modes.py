@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import packing, sources, stages
+from pipeline import packing, sources
 from pipeline import run as pipeline_run
 from pipeline.encoder import Encoder
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import TokenizerRef, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 KILL_DOCS = 120          # about half of SOTU: a few seconds of work, so the kill lands mid-run
@@ -95,8 +95,8 @@ def test_job_killed_mid_write_then_rerun_leaves_exactly_the_clean_runs_files(hal
 def test_tokenizer_read_by_path_must_not_change_while_the_job_runs(bert_json, tmp_path):
     copy = tmp_path / "tok.json"
     copy.write_bytes(bert_json.read_bytes())
-    ref = stages.TokenizerRef.of(copy.read_text(), path=str(copy))
-    inline = stages.TokenizerRef.of(copy.read_text())
+    ref = TokenizerRef.of(copy.read_text(), path=str(copy))
+    inline = TokenizerRef.of(copy.read_text())
     assert ref.data is None and inline.path is None and ref.text() == inline.text() == copy.read_text()
     copy.write_text(copy.read_text().replace('"[MASK]"', '"[MASQ]"'))
     with pytest.raises(RuntimeError, match="changed while the job ran"):
