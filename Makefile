@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # fresh process (each `maskstream` command, each Beam worker) skips compiling them, 20-80 ms, also where
 # PYTHONDONTWRITEBYTECODE is set (as on our machines). Stale files are recompiled.
 bytecode: install
-	$(BIN)/python -m compileall -q pipeline loader trainer bench maskstream_cli.py
+	$(BIN)/python -m compileall -q maskstream pipeline loader trainer bench
 
 demo: bytecode
 	$(BIN)/maskstream demo

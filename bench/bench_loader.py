@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import Row, timed
-from loader import format as fmt
-from loader import masking
-from loader.stream import LoaderConfig, MLMLoader
+from maskstream.bench.common import Row, timed
+from maskstream.loader import format as fmt
+from maskstream.loader import masking
+from maskstream.loader.stream import LoaderConfig, MLMLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "sotu.jsonl.gz"
-TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "bert-base-uncased.json"
+TOKENIZER = ROOT / "data" / "tokenizers" / "bert-base-uncased.json"
 SEQ_LEN, BATCH, RECORD = 128, 256, 512
 VOCAB = masking.Vocab(size=30522, pad_id=0, mask_id=103, special_ids=(0, 100, 101, 102, 103))
 

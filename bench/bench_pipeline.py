@@ -25,27 +25,21 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import Row, cpu_count
+from maskstream.bench.common import Row, cpu_count
 
 ROOT = Path(__file__).resolve().parents[1]
 SOTU = ROOT / "data" / "sotu.jsonl.gz"
-TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "bert-base-uncased.json"
+TOKENIZER = ROOT / "data" / "tokenizers" / "bert-base-uncased.json"
 
 
 def tokenizer_file(workdir: Path) -> Path:
-    """The shared BERT tokenizer, or one trained on SOTU when the shared data is not there."""
-    if TOKENIZER.exists():
-        return TOKENIZER
-    out = workdir / "wordpiece-sotu.json"
-    if not out.exists():
-        subprocess.run([sys.executable, "-m", "maskstream_cli", "tokenizer", "train", "--input", str(SOTU),
-                        "--vocab-size", "30000", "--out", str(out)], check=True, cwd=ROOT)
-    return out
+    """The bundled BERT WordPiece tokenizer."""
+    return TOKENIZER
 
 
 def read_texts(path: str) -> list[str]:
-    from pipeline.config import SourceConfig
-    from pipeline.sources import clean_record, expand_inputs, iter_raw_records
+    from maskstream.pipeline.config import SourceConfig
+    from maskstream.pipeline.readers import clean_record, expand_inputs, iter_raw_records
     source = SourceConfig(inputs=(path,))
     texts = []
     for file, _ in expand_inputs([path]):
@@ -84,8 +78,8 @@ def chunked(texts: list[str], chars: int) -> list[list[str]]:
 
 def encoder_pass(tokenizer_path: str, texts: list[str]) -> float:
     """Seconds for the job's Encoder over all texts (2 MB batches, as the job encodes them)."""
-    from pipeline.encoder import Encoder
-    from pipeline.tokenizer import load_tokenizer
+    from maskstream.pipeline.encoder import Encoder
+    from maskstream.pipeline.tokenizer import load_tokenizer
     encoder = Encoder(load_tokenizer(tokenizer_path)[0])
     encoder.encode(texts[:8])
     t0 = time.perf_counter()
@@ -145,9 +139,9 @@ def sampled_peak_rss(pid: int, stop: threading.Event, out: list) -> None:
 
 def job(corpus: str, tokenizer_path: str, out: Path) -> tuple[float, dict, float]:
     """(wall seconds, index, peak RSS MB of the job's processes) of `maskstream preprocess` in a fresh process."""
-    from loader.format import read_index
+    from maskstream.loader.format import read_index
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", "--input", corpus, "--tokenizer",
+    proc = subprocess.Popen([sys.executable, "-m", "maskstream.pipeline.run", "--input", corpus, "--tokenizer",
                              tokenizer_path, "--output", str(out), "--quiet"], cwd=ROOT)
     stop, peak = threading.Event(), []
     sampler = threading.Thread(target=sampled_peak_rss, args=(proc.pid, stop, peak))

@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from bench.common import Row
-from loader.masking import MaskingConfig, Vocab, mask_batch
-from trainer.model import MLMEncoder, flops_per_token, preset
+from maskstream.bench.common import Row
+from maskstream.loader.masking import MaskingConfig, Vocab, mask_batch
+from maskstream.trainer.model import MLMEncoder, flops_per_token, preset
 
 VOCAB = 30522  # bert-base-uncased
 # NOTE: peak dense bf16 tensor FLOP/s per GPU name, for MFU; unknown GPUs report MFU as 0.

@@ -5,13 +5,13 @@ import argparse
 import importlib
 import sys
 
-from bench.common import table
+from maskstream.bench.common import table
 
 # Each module has run(args) -> list[Row]; they are run in this order.
 SUITES = {
-    "pipeline": "bench.bench_pipeline",
-    "loader": "bench.bench_loader",
-    "trainer": "bench.bench_trainer",
+    "pipeline": "maskstream.bench.bench_pipeline",
+    "loader": "maskstream.bench.bench_loader",
+    "trainer": "maskstream.bench.bench_trainer",
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from loader.maskconfig import COUNTS, IGNORE_INDEX, SELECTIONS, MaskingConfig, Vocab  # noqa: F401 (re-exported)
+from maskstream.loader.maskconfig import COUNTS, IGNORE_INDEX, SELECTIONS, MaskingConfig, Vocab  # noqa: F401 (re-exported)
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9  # offsets keep 0 (a fixed point of the hash) out of every input

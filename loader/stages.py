@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import webdataset.tariterators as wds_tar
 
-from loader import format as fmt
-from loader import masking
-from loader.order import RecordTable, in_record_permutation, plan_epoch, split_by_rank, split_by_worker
+from maskstream.loader import format as fmt
+from maskstream.loader import masking
+from maskstream.loader.order import RecordTable, in_record_permutation, plan_epoch, split_by_rank, split_by_worker
 
 MAX_RECORD_BYTES = 256 << 20  # a record larger than this in index.json is refused before any read
 

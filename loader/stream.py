@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from loader import masking as masking_rule
-from loader.order import REMAINDERS, RecordTable
-from loader.sources import IOConfig, SourceError, open_source
-from loader.stages import EpochStream, finish, load_index, static_copies, vocab_of
+from maskstream.loader import masking as masking_rule
+from maskstream.loader.order import REMAINDERS, RecordTable
+from maskstream.loader.storage import IOConfig, SourceError, open_source
+from maskstream.loader.stages import EpochStream, finish, load_index, static_copies, vocab_of
 
 STATE_VERSION = 1
 MASK_ON = ("device", "worker")

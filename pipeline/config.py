@@ -123,7 +123,7 @@ def data_hash(config: dict) -> bytes:
 
 def config_from_args(args) -> PipelineConfig:
     """The one place where CLI flags become configs (pipeline/run.py's argparse namespace)."""
-    from loader.maskconfig import MaskingConfig
+    from maskstream.loader.maskconfig import MaskingConfig
     selection = "word" if args.whole_word else args.selection
     masking = MaskingConfig(mask_prob=args.mask_prob, selection=selection)
     return PipelineConfig(

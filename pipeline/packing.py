@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.sources import NO_TOKENS, Doc, Reject
+from maskstream.pipeline.readers import NO_TOKENS, Doc, Reject
 
 
 class TokDoc(NamedTuple):

@@ -1,4 +1,4 @@
-"""`maskstream preprocess` / `python -m pipeline.run`: parse -> configs -> Beam job -> summary.
+"""`maskstream preprocess` / `python -m maskstream.pipeline.run`: parse -> configs -> Beam job -> summary.
 
 Flags of maskstream are parsed here; every other flag goes to Beam's PipelineOptions, so
 `--runner=DataflowRunner --project P --region R --temp_location gs://...` just works. Without --runner the job
@@ -26,8 +26,8 @@ import re
 import sys
 import time
 
-from pipeline.config import MASKINGS, PACKINGS, TEXT_MODES, config_from_args
-from pipeline.tokenizer import load_tokenizer
+from maskstream.pipeline.config import MASKINGS, PACKINGS, TEXT_MODES, config_from_args
+from maskstream.pipeline.tokenizer import load_tokenizer
 
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
 LOCAL_MODES = ("auto", "in_memory", "multi_processing")
@@ -128,7 +128,7 @@ def local_runner(options):
 
 def prepare(args):
     """Configs, tokenizer facts and the input file list: everything the graph needs, checked up front."""
-    from pipeline.sources import expand_inputs
+    from maskstream.pipeline.readers import expand_inputs
     tok, info, text = load_tokenizer(args.tokenizer)
     args.tokenizer_sha256 = info.sha256
     config = config_from_args(args)
@@ -158,7 +158,7 @@ def run(argv=None) -> dict:
     """Run the job; returns the index.json dict it wrote."""
     import apache_beam as beam
 
-    from pipeline import progress, shards, stages
+    from maskstream.pipeline import progress, shards, transforms
     args, beam_args = parse(sys.argv[1:] if argv is None else argv)
     config, info, text, inputs = prepare(args)
     options, runner = pipeline_options(beam_args, local_mode=args.local_mode,
@@ -175,7 +175,7 @@ def run(argv=None) -> dict:
               f"{config.shard.output}", file=sys.stderr, flush=True)
     p = beam.Pipeline(runner=runner, options=options) if runner else beam.Pipeline(options=options)
     local_path = os.path.abspath(args.tokenizer) if "://" not in args.tokenizer else args.tokenizer
-    stages.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs, threads=threads,
+    transforms.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs, threads=threads,
                  tokenizer_path=local_path if runner is not None else None)   # local workers read it themselves
     with progress.Bar(None, enabled=runner is not None and not args.quiet and sys.stderr.isatty(),
                       desc="tokenized chars"):
@@ -184,8 +184,8 @@ def run(argv=None) -> dict:
     if builds_only:
         print("graph built and checked; nothing was run (--dry_run / --template_location)", file=sys.stderr)
         return {}
-    from loader.format import INDEX_FILE, read_index
-    from pipeline.tokenizer import read_bytes
+    from maskstream.loader.format import INDEX_FILE, read_index
+    from maskstream.pipeline.tokenizer import read_bytes
     index = read_index(read_bytes(shards.join(config.shard.output, INDEX_FILE)))
     if not args.quiet:
         print(summary(index, time.perf_counter() - start), file=sys.stderr, flush=True)

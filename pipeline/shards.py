@@ -12,9 +12,9 @@ import os
 
 import numpy as np
 
-from loader import format as fmt
-from pipeline.packing import SeqBatch, shard_order
-from pipeline.sources import REASONS
+from maskstream.loader import format as fmt
+from maskstream.pipeline.packing import SeqBatch, shard_order
+from maskstream.pipeline.readers import REASONS
 
 REJECTS_DIR = "rejects"
 REJECTS_FILE = "rejects.jsonl"
@@ -81,7 +81,7 @@ def static_block(seqs: SeqBatch, *, shard_cfg, masking, vocab) -> tuple[np.ndarr
     masking is MaskingConfig.to_dict(): workers import torch only here, in static mode."""
     import torch
 
-    from loader.masking import MaskingConfig, static_masks
+    from maskstream.loader.masking import MaskingConfig, static_masks
     selected, inputs = static_masks(
         torch.from_numpy(seqs.tokens.astype(np.int64)), torch.from_numpy(seqs.word_starts),
         torch.from_numpy(seqs.lengths.astype(np.int64)), torch.from_numpy(seqs.uids.view(np.int64)),

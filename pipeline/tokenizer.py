@@ -45,7 +45,7 @@ class TokenizerInfo:
 
     def vocab(self):
         """loader.maskconfig.Vocab, the facts the masking rule needs."""
-        from loader.maskconfig import Vocab
+        from maskstream.loader.maskconfig import Vocab
         return Vocab(size=self.vocab_size, pad_id=self.pad_id, mask_id=self.mask_id,
                      special_ids=self.special_ids)
 
@@ -167,8 +167,8 @@ def sample_texts(paths: list[str], *, text_field: str, sample_bytes: int, progre
     """Documents of the inputs (globs expanded), at most sample_bytes of text, split evenly over the files."""
     from tqdm import tqdm
 
-    from pipeline.config import SourceConfig
-    from pipeline.sources import clean_record, expand_inputs, iter_raw_records
+    from maskstream.pipeline.config import SourceConfig
+    from maskstream.pipeline.readers import clean_record, expand_inputs, iter_raw_records
     source = SourceConfig(inputs=tuple(paths), text_field=text_field)
     files = expand_inputs(source.inputs)
     budget = sample_bytes // len(files) if sample_bytes else None

@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real data lives, and GPU skipping."""
+"""Shared fixtures: the real data bundled in data/, and GPU skipping."""
 from __future__ import annotations
 
 import os
@@ -8,26 +8,23 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# CI clones the repo with shared/ beside it; a developer's checkout sits at /work/main beside /work/shared.
-SHARED_DATA = Path(os.environ.get("MASKSTREAM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DATA = ROOT / "data"      # see data/README.md for each file's source and license
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"real test data not found at {SHARED_DATA}; set MASKSTREAM_SHARED_DATA")
-    return SHARED_DATA
+def data_dir() -> Path:
+    return DATA
 
 
 @pytest.fixture(scope="session")
-def bert_tokenizer_file(shared_data) -> Path:
-    return shared_data / "tokenizers" / "bert-base-uncased.json"
+def bert_tokenizer_file(data_dir) -> Path:
+    return data_dir / "tokenizers" / "bert-base-uncased.json"
 
 
 @pytest.fixture(scope="session")
-def sotu_file(shared_data) -> Path:
-    return shared_data / "sotu.jsonl.gz"
+def sotu_file(data_dir) -> Path:
+    return data_dir / "sotu.jsonl.gz"
 
 
 def pytest_collection_modifyitems(config, items):

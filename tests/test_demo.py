@@ -1,7 +1,7 @@
 """`maskstream demo --quick` end to end: tokenizer, Beam job, training, evaluation and fill-mask."""
 import json
 
-from trainer import demo
+from maskstream.workflows import demo
 
 
 def test_quick_demo_runs_the_whole_chain_and_reports_against_the_unigram_baseline(tmp_path, capsys):

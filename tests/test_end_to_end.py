@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from loader import format as fmt
-from loader.masking import mask_batch
-from loader.stream import LoaderConfig, MLMLoader
-from pipeline import run as pipeline_run
+from maskstream.loader import format as fmt
+from maskstream.loader.masking import mask_batch
+from maskstream.loader.stream import LoaderConfig, MLMLoader
+from maskstream.pipeline import run as pipeline_run
 
 K = 3
 SEED = 17

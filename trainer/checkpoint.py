@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from trainer.train import Run
+    from maskstream.trainer.train import Run
 
 CHECKPOINT_VERSION = 1
 _CKPT = re.compile(r"^ckpt-(\d{7,})\.pt$")

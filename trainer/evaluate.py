@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from loader.stream import LoaderConfig, MLMLoader
-from trainer import checkpoint
-from trainer.model import IGNORE_INDEX, MLMEncoder, ModelConfig
+from maskstream.loader.stream import LoaderConfig, MLMLoader
+from maskstream.trainer import checkpoint
+from maskstream.trainer.model import IGNORE_INDEX, MLMEncoder, ModelConfig
 
 EVAL_SEED = 20190726  # fixed: the evaluation mask never depends on the training seed
 

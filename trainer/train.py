@@ -1,4 +1,4 @@
-"""`maskstream train` / `torchrun -m trainer`: the MLM training loop — parse, build, train, close.
+"""`maskstream train` / `torchrun -m maskstream.trainer`: the MLM training loop — parse, build, train, close.
 
 One TrainConfig built from the flags; the loader streams masked batches onto the device; AdamW with warm-up
 and decay, clipping, accumulation, bf16 autocast on GPU, DDP under torchrun. Writes RUN/config.json,
@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from loader.stream import LoaderConfig, MLMLoader
-from trainer import checkpoint, evaluate
-from trainer.model import PRESETS, MLMEncoder, preset
+from maskstream.loader.stream import LoaderConfig, MLMLoader
+from maskstream.trainer import checkpoint, evaluate
+from maskstream.trainer.model import PRESETS, MLMEncoder, preset
 
 DECAYS = {
     "linear": lambda t: 1.0 - t,

@@ -48,10 +48,11 @@ case "$cmd" in
       WORKER=(--sdk_container_image="$IMAGE" --experiments=use_runner_v2)
     else   # a staging folder holding only what workers need, with deploy/dataflow/setup.py as its setup.py
       STAGE=$(mktemp -d); trap 'rm -rf "$STAGE"' EXIT
+      mkdir "$STAGE/maskstream" && cp "$ROOT/maskstream/__init__.py" "$STAGE/maskstream/"
       cp -r "$ROOT/pipeline" "$ROOT/loader" "$STAGE/" && cp "$ROOT/deploy/dataflow/setup.py" "$STAGE/"
       WORKER=(--setup_file="$STAGE/setup.py")
     fi
-    cd "$ROOT" && "$PY" -m pipeline.run --input "$INPUT" --tokenizer "$TOKENIZER" --output "$OUTPUT" \
+    cd "$ROOT" && "$PY" -m maskstream.pipeline.run --input "$INPUT" --tokenizer "$TOKENIZER" --output "$OUTPUT" \
       --runner=DataflowRunner --project="$PROJECT" --region="$REGION" \
       --temp_location="$BUCKET/tmp" --staging_location="$BUCKET/staging" \
       --max_num_workers="$WORKERS" --worker_machine_type="$MACHINE" "${WORKER[@]}" $DRY "${EXTRA[@]}" ;;

@@ -1,4 +1,4 @@
-"""The Dataflow worker package: `pipeline` and `loader` with only what the Beam job needs on a worker.
+"""The Dataflow worker package: `maskstream.pipeline` and `maskstream.loader` with only what the Beam job needs on a worker.
 
 launch.sh copies this file beside the two packages into a staging folder and passes it as --setup_file, so
 workers install tokenizers and numpy but not the trainer's dependencies. torch is needed on workers only for
@@ -15,6 +15,7 @@ if os.environ.get("MASKSTREAM_WORKER_TORCH") == "1":
 setuptools.setup(
     name="maskstream-dataflow-worker",
     version="0.1.0",
-    packages=["pipeline", "loader"],
+    packages=["maskstream", "maskstream.pipeline", "maskstream.loader"],
+    package_dir={"maskstream": "maskstream", "maskstream.pipeline": "pipeline", "maskstream.loader": "loader"},
     install_requires=requires,
 )

@@ -35,4 +35,4 @@ else
   rdzv=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --rdzv_backend=static
         --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
 fi
-exec torchrun "${rdzv[@]}" --nproc_per_node="$NPROC_PER_NODE" -m trainer "${args[@]}"
+exec torchrun "${rdzv[@]}" --nproc_per_node="$NPROC_PER_NODE" -m maskstream.trainer "${args[@]}"

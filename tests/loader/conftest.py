@@ -10,6 +10,6 @@ from loader_fixtures import build_dataset  # noqa: E402
 
 
 @pytest.fixture
-def uneven(tmp_path, shared_data):
+def uneven(tmp_path, data_dir):
     """Three deliberately uneven shards: 10 records of 3..64 sequences, 487 sequences in all."""
     return build_dataset(tmp_path / "uneven", [[64, 64, 40, 3], [17], [64, 64, 64, 64, 43]])

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 
 def run(rank: int, world_size: int, root: str, port: int, out: str) -> None:
-    from loader.stream import LoaderConfig, MLMLoader
+    from maskstream.loader.stream import LoaderConfig, MLMLoader
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loader import format as fmt
-from loader import masking
+from maskstream.loader import format as fmt
+from maskstream.loader import masking
 
-DATA = Path(os.environ.get("MASKSTREAM_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+DATA = Path(__file__).resolve().parents[2] / "data"
 TOKENIZER = DATA / "tokenizers" / "bert-base-uncased.json"
 SEQ_LEN = 128
 VOCAB = masking.Vocab(size=30522, pad_id=0, mask_id=103, special_ids=(0, 100, 101, 102, 103))

@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 @pytest.mark.timeout(180)
-def test_two_process_ddp_over_uneven_shards_takes_equal_steps_without_hanging(tmp_path, shared_data):
+def test_two_process_ddp_over_uneven_shards_takes_equal_steps_without_hanging(tmp_path, data_dir):
     # 3 shards of 200, 17 and 5 sequences: per-shard splitting would give the ranks very different counts
     root = build_dataset(tmp_path / "ds", [[64, 64, 64, 8], [17], [5]])
     out, port = tmp_path / "result", free_port()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from loader.format import (FORMAT_VERSION, Block, FormatError, ShardWriter, check_shard_name, decode_block,
+from maskstream.loader.format import (FORMAT_VERSION, Block, FormatError, ShardWriter, check_shard_name, decode_block,
                            dump_index, encode_block, read_index, remove_partials, shard_sha256, write_index)
 
 L, V = 16, 70000  # a vocabulary over 2**16 exercises uint32 ids

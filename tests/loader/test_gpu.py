@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loader.stream import LoaderConfig, MLMLoader
+from maskstream.loader.stream import LoaderConfig, MLMLoader
 from loader_fixtures import collect
 
 

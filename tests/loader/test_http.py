@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from loader.sources import SourceError
-from loader.stream import LoaderConfig, MLMLoader
+from maskstream.loader.storage import SourceError
+from maskstream.loader.stream import LoaderConfig, MLMLoader
 from loader_fixtures import collect
 
 

@@ -1,7 +1,7 @@
 """`maskstream inspect`: summary, --verify (good and corrupted), --show, and --dump-masks across worker counts."""
 import json
 
-from loader.inspect import main
+from maskstream.loader.inspector import main
 from loader_fixtures import TOKENIZER
 
 

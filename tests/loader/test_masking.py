@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
 
-from loader.masking import (IGNORE_INDEX, MaskingConfig, Vocab, keyed_bits, mask_batch, select,
+from maskstream.loader.masking import (IGNORE_INDEX, MaskingConfig, Vocab, keyed_bits, mask_batch, select,
                             sequence_keys, static_copy, static_masks)
 
 SEQ_LEN = 128
@@ -57,9 +57,9 @@ def bert_batch(sotu_file, bert_tokenizer_file):
 
 
 @pytest.fixture(scope="module")
-def bpe_batch(sotu_file, shared_data):
-    tok = ByteLevelBPETokenizer(str(shared_data / "tokenizers" / "gpt2-vocab.json"),
-                                str(shared_data / "tokenizers" / "gpt2-merges.txt"))
+def bpe_batch(sotu_file, data_dir):
+    tok = ByteLevelBPETokenizer(str(data_dir / "tokenizers" / "gpt2-vocab.json"),
+                                str(data_dir / "tokenizers" / "gpt2-merges.txt"))
     tok.add_special_tokens(["<s>", "<pad>", "</s>", "<mask>"])
     specials = tuple(tok.token_to_id(t) for t in ["<s>", "<pad>", "</s>", "<mask>", "<|endoftext|>"])
     encs = tok.encode_batch(_texts(sotu_file))
@@ -149,7 +149,7 @@ def test_span_lengths_are_clipped_geometric():
     tokens = torch.full((B, L), 5)
     vocab = Vocab(size=100, pad_id=0, mask_id=1, special_ids=(0, 1))
     keys = sequence_keys(_uids(B), seed=3, epoch=0)
-    from loader.masking import _span_units
+    from maskstream.loader.masking import _span_units
     eligible = torch.ones((B, L), dtype=torch.bool)
     starts = _span_units(eligible, eligible, keys, config)
     lengths = []
@@ -225,7 +225,7 @@ def test_cpu_and_gpu_masks_are_bit_identical(bert_batch, selection, count):
 
 def test_dense_and_sparse_corruption_paths_agree(bert_batch):
     # the GPU takes the dense path, the CPU the sparse one: they must give the same inputs
-    from loader.masking import _corrupt
+    from maskstream.loader.masking import _corrupt
     tokens, ws, vocab = bert_batch
     tokens, ws, uids, lengths = tokens[:500], ws[:500], _uids(500), torch.full((500,), SEQ_LEN)
     keys = sequence_keys(uids, seed=2, epoch=7)

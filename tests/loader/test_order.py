@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from loader.order import RecordTable, plan_epoch
-from loader.stream import LoaderConfig, MLMLoader
+from maskstream.loader.order import RecordTable, plan_epoch
+from maskstream.loader.stream import LoaderConfig, MLMLoader
 from loader_fixtures import build_dataset, collect, dataset_uids
 
 
@@ -103,8 +103,8 @@ def test_masks_change_every_epoch_and_keep_labels_consistent(uneven):
     assert (batch["input_ids"][~masked] != 103).all()
 
 
-def test_static_dataset_uses_stored_copy_epoch_mod_k(tmp_path, shared_data):
-    from loader import masking
+def test_static_dataset_uses_stored_copy_epoch_mod_k(tmp_path, data_dir):
+    from maskstream.loader import masking
     from loader_fixtures import VOCAB
     root = build_dataset(tmp_path / "static", [[40, 24], [30]], static_copies=2, seed=7)
     loader = MLMLoader(root, LoaderConfig(batch_size=8, seed=7))

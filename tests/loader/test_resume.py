@@ -3,8 +3,8 @@ epoch, reading nothing before the record that holds the next sequence."""
 import pytest
 import torch
 
-from loader.order import RecordTable, plan_epoch
-from loader.stream import LoaderConfig, MLMLoader
+from maskstream.loader.order import RecordTable, plan_epoch
+from maskstream.loader.stream import LoaderConfig, MLMLoader
 from loader_fixtures import build_dataset, collect
 
 

@@ -4,9 +4,9 @@ import pickle
 
 import pytest
 
-from loader import format as fmt
-from loader.sources import SourceError
-from loader.stream import LoaderConfig, MLMLoader
+from maskstream.loader import format as fmt
+from maskstream.loader.storage import SourceError
+from maskstream.loader.stream import LoaderConfig, MLMLoader
 from loader_fixtures import collect, read_tar, rewrite_shard
 
 

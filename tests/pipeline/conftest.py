@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import run as pipeline_run
+from maskstream.pipeline import run as pipeline_run
 
 SOTU_SUBSET_DOCS = 12     # small enough for several Beam runs in a few seconds
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from pipeline.encoder import AsciiPath, Encoder, space_out, word_start_table, word_starts_from_ids
-from pipeline.tokenizer import convert_gpt2, load_tokenizer
+from maskstream.pipeline.encoder import AsciiPath, Encoder, space_out, word_start_table, word_starts_from_ids
+from maskstream.pipeline.tokenizer import convert_gpt2, load_tokenizer
 
 TRICKY = [
     "4 and 4 1\x02 per cent bonds",            # a control character: removed by clean_text, joins 1 and per
@@ -43,8 +43,8 @@ def bert(bert_json):
 
 
 @pytest.fixture(scope="module")
-def gpt2(shared_data):
-    d = shared_data / "tokenizers"
+def gpt2(data_dir):
+    d = data_dir / "tokenizers"
     return convert_gpt2(str(d / "gpt2-vocab.json"), str(d / "gpt2-merges.txt"))
 
 
@@ -55,8 +55,8 @@ def test_bert_on_the_whole_sotu_corpus_gives_the_plain_ids_mostly_through_the_as
     assert_same(encoder, bert, sotu_texts)
 
 
-def test_bert_on_chinese_prose_and_tricky_strings(bert, shared_data):
-    with gzip.open(shared_data / "debian-reference-zh.jsonl.gz", "rt") as f:
+def test_bert_on_chinese_prose_and_tricky_strings(bert, data_dir):
+    with gzip.open(data_dir / "debian-reference-zh.jsonl.gz", "rt") as f:
         zh = [json.loads(line)["text"] for line in f]
     assert_same(Encoder(bert), bert, zh + TRICKY)
     path = Encoder(bert).ascii

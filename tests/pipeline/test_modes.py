@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import packing, sources
-from pipeline import run as pipeline_run
-from pipeline.encoder import Encoder
-from pipeline.tokenizer import TokenizerRef, load_tokenizer
+from maskstream.pipeline import packing, readers
+from maskstream.pipeline import run as pipeline_run
+from maskstream.pipeline.encoder import Encoder
+from maskstream.pipeline.tokenizer import TokenizerRef, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 KILL_DOCS = 120          # about half of SOTU: a few seconds of work, so the kill lands mid-run
@@ -43,9 +43,9 @@ def test_local_mode_contradicting_beams_running_mode_is_refused():
 def test_several_groups_in_one_encode_call_equal_one_call_per_group(bert_json, sotu_texts):
     tok, _, _ = load_tokenizer(str(bert_json))
     encoder = Encoder(tok)
-    groups = [[sources.Doc("f", g * 10 + i, 0, g, t) for i, t in enumerate(sotu_texts[g * 3:g * 3 + 3])]
+    groups = [[readers.Doc("f", g * 10 + i, 0, g, t) for i, t in enumerate(sotu_texts[g * 3:g * 3 + 3])]
               for g in range(3)]
-    groups[1].append(sources.Doc("f", 19, 0, 1, "\u200b"))       # no tokens: rejected in its own group
+    groups[1].append(readers.Doc("f", 19, 0, 1, "\u200b"))       # no tokens: rejected in its own group
     together = packing.tokenize_groups(encoder, groups)
     for docs, (tokdocs, rejects) in zip(groups, together):
         alone, alone_rejects = packing.tokenize_group(encoder, docs)
@@ -70,7 +70,7 @@ def test_job_killed_mid_write_then_rerun_leaves_exactly_the_clean_runs_files(hal
     job([half_sotu], bert_json, out, *flags)
     clean = hashes(out)
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    argv = [sys.executable, "-m", "pipeline.run", "--input", str(half_sotu), "--tokenizer", str(bert_json),
+    argv = [sys.executable, "-m", "maskstream.pipeline.run", "--input", str(half_sotu), "--tokenizer", str(bert_json),
             "--output", str(out), "--quiet", *map(str, flags)]
     proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

@@ -15,10 +15,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from loader import format as fmt
-from loader.masking import MaskingConfig, mask_batch
-from pipeline import run as pipeline_run
-from pipeline import stages
+from maskstream.loader import format as fmt
+from maskstream.loader.masking import MaskingConfig, mask_batch
+from maskstream.pipeline import run as pipeline_run
+from maskstream.pipeline import transforms
 
 IN_MEMORY = ("--direct_running_mode", "in_memory")
 
@@ -63,7 +63,7 @@ def test_graph_on_test_pipeline_accounts_for_every_document(bad_corpus, bert_jso
     config, info, text, inputs = pipeline_run.prepare(args)
     options = PipelineOptions(["--direct_running_mode=in_memory"])
     with test_pipeline.TestPipeline(runner=pipeline_run.local_runner(options), options=options) as p:
-        pc = stages.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs)
+        pc = transforms.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs)
         positions = pc["docs"] | "Positions" >> beam.FlatMap(
             lambda kv: [(d.source.split("/")[-1], d.position) for d in kv[1]])
         assert_that(positions, equal_to([("a.jsonl", 0), ("a.jsonl", 7), ("a.jsonl", 8), ("b.txt", 0), ("b.txt", 3)]),
@@ -99,7 +99,7 @@ def test_static_masks_stored_equal_the_loader_rule_for_the_same_epochs(sotu_subs
     tokens = torch.from_numpy(np.stack([rows[u][0] for u in uids]).astype(np.int64))
     starts = torch.from_numpy(np.stack([rows[u][1] for u in uids]))
     lengths = torch.tensor([rows[u][2] for u in uids])
-    from pipeline.tokenizer import load_tokenizer
+    from maskstream.pipeline.tokenizer import load_tokenizer
     vocab = load_tokenizer(str(bert_json))[1].vocab()
     for epoch in range(3):
         inputs, labels = mask_batch(tokens, starts, lengths, torch.from_numpy(uids.view(np.int64)), seed=7,
@@ -155,16 +155,16 @@ def test_multi_threading_mode_is_refused(tmp_path, bert_json, sotu_subset, job):
 
 
 def test_cli_trains_a_bpe_tokenizer_then_preprocesses_parquet_with_it(sotu_subset, tmp_path):
-    import maskstream_cli
+    import maskstream.cli
     import pyarrow as pa
     import pyarrow.parquet as pq
     texts = [json.loads(line)["text"] for line in sotu_subset.read_text().splitlines()]
     pq.write_table(pa.table({"body": texts}), tmp_path / "sotu.parquet")
     tok = tmp_path / "bpe.json"
-    assert maskstream_cli.main(["tokenizer", "train", "--input", str(tmp_path / "sotu.parquet"), "--text-field",
+    assert maskstream.cli.main(["tokenizer", "train", "--input", str(tmp_path / "sotu.parquet"), "--text-field",
                                 "body", "--vocab-size", "800", "--kind", "bpe", "--out", str(tok)]) == 0
     out = tmp_path / "out"
-    assert maskstream_cli.main(["preprocess", "--input", str(tmp_path / "sotu.parquet"), "--text-column", "body",
+    assert maskstream.cli.main(["preprocess", "--input", str(tmp_path / "sotu.parquet"), "--text-column", "body",
                                 "--tokenizer", str(tok), "--output", str(out), "--seq-len", "64", "--packing",
                                 "doc", "--direct_running_mode=in_memory", "--quiet"]) == 0
     index = fmt.read_index((out / "index.json").read_bytes())

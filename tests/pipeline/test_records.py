@@ -10,14 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import packing, sources
-from pipeline.config import PackConfig, ShardConfig, SourceConfig
-from pipeline.encoder import word_starts_from_ids
-from pipeline.tokenizer import SPECIALS, convert_gpt2, describe, load_tokenizer, train
+from maskstream.pipeline import packing, readers
+from maskstream.pipeline.config import PackConfig, ShardConfig, SourceConfig
+from maskstream.pipeline.encoder import word_starts_from_ids
+from maskstream.pipeline.tokenizer import SPECIALS, convert_gpt2, describe, load_tokenizer, train
 
 
 def raws(path, **kw):
-    return list(sources.iter_raw_records(str(path), SourceConfig(inputs=(str(path),), **kw)))
+    return list(readers.iter_raw_records(str(path), SourceConfig(inputs=(str(path),), **kw)))
 
 
 def test_text_lines_keep_exact_positions_and_final_line_without_newline(tmp_path):
@@ -34,7 +34,7 @@ def test_paragraph_mode_gives_blank_line_separated_blocks_at_their_first_line(tm
 
 def test_iter_lines_handles_lines_across_chunk_boundaries():
     data = b"".join(b"line %d\n" % i for i in range(1000))
-    assert list(sources.iter_lines(io.BytesIO(data), chunk=7)) == data.split(b"\n")[:-1]
+    assert list(readers.iter_lines(io.BytesIO(data), chunk=7)) == data.split(b"\n")[:-1]
 
 
 def test_groups_are_consecutive_records_of_about_group_bytes(tmp_path):
@@ -48,30 +48,30 @@ def test_parquet_rows_read_with_null_and_missing_column_failing_loudly(tmp_path)
     pq.write_table(pa.table({"body": ["first doc", None, "third"]}), p)
     records = raws(p, text_field="body")
     assert [(r.position, r.data) for r in records] == [(0, "first doc"), (1, None), (2, "third")]
-    cleaned = [sources.clean_record(r, SourceConfig(inputs=("x",), text_field="body")) for r in records]
-    assert cleaned[1].reason == sources.MISSING_FIELD
+    cleaned = [readers.clean_record(r, SourceConfig(inputs=("x",), text_field="body")) for r in records]
+    assert cleaned[1].reason == readers.MISSING_FIELD
     with pytest.raises(ValueError, match="no column 'text'"):
         raws(p)
 
 
 @pytest.mark.parametrize("data, reason", [
-    (b"\xff\xfe oops", sources.INVALID_UTF8),
-    (b'{"text": ', sources.MALFORMED_JSON),
-    (b"[1, 2]", sources.NOT_AN_OBJECT),
-    (b'{"title": "x"}', sources.MISSING_FIELD),
-    (b'{"text": 5}', sources.NON_STRING_FIELD),
-    (b'{"text": " \\n\\t "}', sources.EMPTY),
-    (b"   ", sources.EMPTY),
+    (b"\xff\xfe oops", readers.INVALID_UTF8),
+    (b'{"text": ', readers.MALFORMED_JSON),
+    (b"[1, 2]", readers.NOT_AN_OBJECT),
+    (b'{"title": "x"}', readers.MISSING_FIELD),
+    (b'{"text": 5}', readers.NON_STRING_FIELD),
+    (b'{"text": " \\n\\t "}', readers.EMPTY),
+    (b"   ", readers.EMPTY),
 ])
 def test_every_bad_jsonl_record_is_rejected_with_its_reason(data, reason):
-    out = sources.clean_record(sources.Raw("f.jsonl", 7, 0, "jsonl", data), SourceConfig(inputs=("x",)))
-    assert isinstance(out, sources.Reject) and out.reason == reason and out.position == 7
+    out = readers.clean_record(readers.Raw("f.jsonl", 7, 0, "jsonl", data), SourceConfig(inputs=("x",)))
+    assert isinstance(out, readers.Reject) and out.reason == reason and out.position == 7
     json.loads(out.to_json())   # the rejects file stays valid JSONL whatever the input bytes were
 
 
 def test_oversized_documents_are_split_at_whitespace_into_parts():
     text = "word " * 1000
-    out = sources.clean_record(sources.Raw("f.txt", 0, 0, "text", text.encode()),
+    out = readers.clean_record(readers.Raw("f.txt", 0, 0, "text", text.encode()),
                                SourceConfig(inputs=("x",), max_doc_chars=1000))
     assert len(out) == 5 and "".join(d.text for d in out) == text
     assert [d.part for d in out] == list(range(5)) and all(len(d.text) <= 1000 for d in out)
@@ -80,7 +80,7 @@ def test_oversized_documents_are_split_at_whitespace_into_parts():
 
 def test_unknown_file_extension_fails_with_the_allowed_endings():
     with pytest.raises(ValueError, match="allowed endings"):
-        sources.detect_format("corpus.csv")
+        readers.detect_format("corpus.csv")
 
 
 def test_bert_tokenizer_facts(bert_json):
@@ -113,8 +113,8 @@ def test_trained_wordpiece_and_bpe_tokenizers_have_their_specials(sotu_texts, tm
             "the people of the united states"
 
 
-def test_gpt2_pair_converts_to_a_tokenizer_json_with_roberta_specials(shared_data):
-    d = shared_data / "tokenizers"
+def test_gpt2_pair_converts_to_a_tokenizer_json_with_roberta_specials(data_dir):
+    d = data_dir / "tokenizers"
     tok = convert_gpt2(str(d / "gpt2-vocab.json"), str(d / "gpt2-merges.txt"))
     info = describe(tok, tok.to_str())
     assert info.kind == "bpe" and info.vocab_size == 50257 + 5

@@ -10,8 +10,8 @@ import time
 import apache_beam as beam
 import pytest
 
-from pipeline import run as pipeline_run
-from pipeline import stages
+from maskstream.pipeline import run as pipeline_run
+from maskstream.pipeline import transforms
 
 STAGES = ("ReadDocuments", "Clean", "Tokenize", "Pack", "AssignShards", "WriteShards", "WriteIndex")
 
@@ -64,7 +64,7 @@ def test_dataflow_graph_builds_offline_with_dry_run(sotu_subset, bert_json):
     assert local is None                       # Beam picks the runner named by --runner
     runner = DataflowRunner()
     p = beam.Pipeline(runner=runner, options=options)
-    stages.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs)
+    transforms.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs)
     result = p.run()
     assert result.state == "DONE"              # dry run: built and checked, not submitted
     names = {t.unique_name.split("/")[0] for t in runner.proto_pipeline.components.transforms.values()}

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import webdataset as wds
 
-from loader import format as fmt
-from pipeline import packing
-from pipeline.config import data_hash
-from pipeline.tokenizer import load_tokenizer
+from maskstream.loader import format as fmt
+from maskstream.pipeline import packing
+from maskstream.pipeline.config import data_hash
+from maskstream.pipeline.tokenizer import load_tokenizer
 
 
 def test_sotu_index_accounts_for_every_document_and_token(sotu_run, sotu_texts):

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loader"))
 
 from loader_fixtures import TOKENIZER, VOCAB, sotu_sequences, write_index  # noqa: E402
 
-from loader import format as fmt  # noqa: E402
+from maskstream.loader import format as fmt  # noqa: E402
 
 TRAIN_SEQUENCES = 256
 HELD_OUT_SEQUENCES = 64
@@ -41,7 +41,7 @@ def write_split(directory: Path, start: int, stop: int, *, per_record: int = 32,
 
 
 @pytest.fixture(scope="session")
-def sotu_split(tmp_path_factory, shared_data) -> tuple[Path, Path]:
+def sotu_split(tmp_path_factory, data_dir) -> tuple[Path, Path]:
     """(train, held-out): 256 and 64 disjoint 128-token SOTU sequences."""
     root = tmp_path_factory.mktemp("sotu")
     total = TRAIN_SEQUENCES + HELD_OUT_SEQUENCES

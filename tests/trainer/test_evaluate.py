@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from loader.stream import LoaderConfig, MLMLoader
-from trainer import evaluate
-from trainer.train import main as train_main
+from maskstream.loader.stream import LoaderConfig, MLMLoader
+from maskstream.trainer import evaluate
+from maskstream.trainer.train import main as train_main
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from trainer.model import PRESETS, MLMEncoder, ModelConfig, flops_per_token, preset
+from maskstream.trainer.model import PRESETS, MLMEncoder, ModelConfig, flops_per_token, preset
 
 
 def tiny(**kw) -> MLMEncoder:

@@ -1,7 +1,7 @@
 """Rotary position embeddings: scores depend only on the offset, padding stays invisible, no position table."""
 import torch
 
-from trainer.model import MLMEncoder, ModelConfig, apply_rotary, preset, rotary_tables
+from maskstream.trainer.model import MLMEncoder, ModelConfig, apply_rotary, preset, rotary_tables
 
 
 def test_rotary_scores_depend_only_on_the_relative_offset():

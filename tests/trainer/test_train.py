@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import checkpoint, evaluate
-from trainer.train import build, close, main, parse_args, train
+from maskstream.trainer import checkpoint, evaluate
+from maskstream.trainer.train import build, close, main, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,15 +8,15 @@ import sys
 
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS = {
-    "tokenizer": ("pipeline.tokenizer", "main", "train a WordPiece or byte-level BPE tokenizer"),
-    "preprocess": ("pipeline.run", "main", "run the Beam job: corpus -> verified WebDataset shards"),
-    "inspect": ("loader.inspect", "main", "summarize, verify, show or dump masks of a shard folder"),
-    "train": ("trainer.train", "main", "train the MLM encoder on shards"),
-    "evaluate": ("trainer.evaluate", "main", "held-out MLM loss / accuracy of a run"),
-    "fill-mask": ("trainer.evaluate", "fill_mask_main", "predict the [MASK] words of a sentence"),
-    "demo": ("trainer.demo", "main", "tokenizer -> Beam job -> train -> evaluate on the bundled corpus"),
-    "experiment": ("trainer.experiment", "main", "static-vs-dynamic masking experiment"),
-    "bench": ("bench.run", "main", "every benchmark against its anchor, one table"),
+    "tokenizer": ("maskstream.pipeline.tokenizer", "main", "train a WordPiece or byte-level BPE tokenizer"),
+    "preprocess": ("maskstream.pipeline.run", "main", "run the Beam job: corpus -> verified WebDataset shards"),
+    "inspect": ("maskstream.loader.inspector", "main", "summarize, verify, show or dump masks of a shard folder"),
+    "train": ("maskstream.trainer.train", "main", "train the MLM encoder on shards"),
+    "evaluate": ("maskstream.trainer.evaluate", "main", "held-out MLM loss / accuracy of a run"),
+    "fill-mask": ("maskstream.trainer.evaluate", "fill_mask_main", "predict the [MASK] words of a sentence"),
+    "demo": ("maskstream.workflows.demo", "main", "tokenizer -> Beam job -> train -> evaluate on the bundled corpus"),
+    "experiment": ("maskstream.workflows.experiment", "main", "static-vs-dynamic masking experiment"),
+    "bench": ("maskstream.bench.run", "main", "every benchmark against its anchor, one table"),
 }
 
 

@@ -19,9 +19,9 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from loader.format import token_dtype
-from pipeline import packing, progress, shards, sources
-from pipeline.tokenizer import TokenizerRef
+from maskstream.loader.format import token_dtype
+from maskstream.pipeline import packing, progress, shards, readers
+from maskstream.pipeline.tokenizer import TokenizerRef
 
 NS = "maskstream"   # Beam metrics namespace
 REJECTS = "rejects"
@@ -40,7 +40,7 @@ class _ReadFile(beam.DoFn):
 
     def process(self, path):
         n = size = 0
-        for group in sources.iter_raw_groups(path, self.source):
+        for group in readers.iter_raw_groups(path, self.source):
             n += len(group)
             size += sum(len(r.data) if isinstance(r.data, (bytes, str)) else 1 for r in group)
             yield (path, group[0].group), group
@@ -67,11 +67,11 @@ class ReadDocuments(beam.PTransform):
 class _Clean(beam.DoFn):
     def __init__(self, source):
         self.source = source
-        self.rejected = {r: Metrics.counter(NS, f"rejected_{r}") for r in sources.REASONS}
+        self.rejected = {r: Metrics.counter(NS, f"rejected_{r}") for r in readers.REASONS}
 
     def process(self, element):
         key, raws = element
-        docs, rejects = sources.clean_group(raws, self.source)
+        docs, rejects = readers.clean_group(raws, self.source)
         for r in rejects:
             self.rejected[r.reason].inc()
             yield beam.pvalue.TaggedOutput(REJECTS, r)
@@ -104,13 +104,13 @@ class _Tokenize(beam.DoFn):
     process is one core."""
     def __init__(self, tokenizer: TokenizerRef, *, threads: bool = False, batch_chars: int = 2 << 20):
         self.tokenizer, self.threads, self.batch_chars = tokenizer, threads, batch_chars
-        self.no_tokens = Metrics.counter(NS, f"rejected_{sources.NO_TOKENS}")
+        self.no_tokens = Metrics.counter(NS, f"rejected_{readers.NO_TOKENS}")
 
     def setup(self):
         # NOTE: in worker processes Rust threads would fight over the cores the other workers use.
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.threads else "false"
-        from pipeline.encoder import Encoder
-        from pipeline.tokenizer import tokenizer_from_json
+        from maskstream.pipeline.encoder import Encoder
+        from maskstream.pipeline.tokenizer import tokenizer_from_json
         self.encoder = Encoder(tokenizer_from_json(self.tokenizer.text()))
         self.ahead = ThreadPoolExecutor(AHEAD, thread_name_prefix="tokenize") if self.threads else None
         self.progress = progress.Reporter()   # local runner only

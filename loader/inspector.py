@@ -17,12 +17,12 @@ import json
 import os
 import sys
 
-from loader import format as fmt
-from loader.masking import IGNORE_INDEX
-from loader.order import RecordTable
-from loader.sources import LocalSource, SourceError
-from loader.stages import decode_record, read_record
-from loader.stream import LoaderConfig, MLMLoader
+from maskstream.loader import format as fmt
+from maskstream.loader.masking import IGNORE_INDEX
+from maskstream.loader.order import RecordTable
+from maskstream.loader.storage import LocalSource, SourceError
+from maskstream.loader.stages import decode_record, read_record
+from maskstream.loader.stream import LoaderConfig, MLMLoader
 
 _U64 = (1 << 64) - 1
 

@@ -28,7 +28,7 @@ _PIPELINE_FLAGS = {
 
 def static_twin(data: Path, out: Path, copies: int) -> Path:
     """Re-run the Beam job that made `data` with --masking static --static-copies K: same sequences, same uids."""
-    from pipeline import run as beam_job
+    from maskstream.pipeline import run as beam_job
 
     index = json.loads((data / "index.json").read_text())
     config = index["config"]
@@ -48,8 +48,8 @@ def static_twin(data: Path, out: Path, copies: int) -> Path:
 
 def bundled(out: Path, copies: int) -> tuple[Path, Path, Path]:
     """(dynamic train, static train, held-out) shard folders from the bundled corpus."""
-    from pipeline import tokenizer as tokenizers
-    from trainer import demo
+    from maskstream.pipeline import tokenizer as tokenizers
+    from maskstream.workflows import demo
 
     cfg = demo.MODES["experiment"]
     train_corpus, held_corpus, _ = demo.split_corpus(out / "corpus", cfg)
@@ -68,7 +68,7 @@ def plot(out: Path, runs: dict[str, Path]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trainer.checkpoint import read_metrics
+    from maskstream.trainer.checkpoint import read_metrics
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, run in runs.items():
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dynamic, static, held = bundled(out, a.static_copies)
 
-    from trainer import train as trainer
+    from maskstream.trainer import train as trainer
     runs = {f"static (K={a.static_copies})": (static, out / "static"), "dynamic": (dynamic, out / "dynamic")}
     results = {}
     for name, (data, run) in runs.items():
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                       a.model_size, "--max-steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr",
                       str(a.lr), "--seed", str(a.seed), "--eval-every", str(max(1, a.steps // a.evals)),
                       "--log-every", "10"])
-        from trainer.checkpoint import read_metrics
+        from maskstream.trainer.checkpoint import read_metrics
         rows = read_metrics(run)
         last = [r for r in rows if "eval_loss" in r][-1]
         results[name] = {"held_out_loss": last["eval_loss"], "held_out_accuracy": last["eval_accuracy"],

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "sotu.jsonl.gz"
+CORPUS = Path(__file__).resolve().parents[2] / "data" / "sotu.jsonl.gz"   # the repository's data/
 SENTENCES = (
     "the state of the [MASK] is strong.",
     "i ask the congress to [MASK] this bill.",
@@ -78,7 +78,7 @@ def banner(text: str) -> None:
 def preprocess(corpus: Path, tokenizer: Path, output: Path, cfg: DemoConfig, quick: bool, *,
                mask_prob: float = 0.15) -> dict:
     """One Beam job (the pipeline's own run()); it writes the tokenizer beside index.json."""
-    from pipeline import run as beam_job
+    from maskstream.pipeline import run as beam_job
 
     argv = ["--input", str(corpus), "--tokenizer", str(tokenizer), "--output", str(output),
             "--seq-len", str(cfg.seq_len), "--num-shards", "2" if quick else "4", "--seed", "0",
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out addresses: {', '.join(held_ids)}")
 
     banner(f"2/5 train a {cfg.vocab_size}-token WordPiece tokenizer on the training addresses")
-    from pipeline import tokenizer as tokenizers
+    from maskstream.pipeline import tokenizer as tokenizers
     texts = tokenizers.sample_texts([str(train_corpus)], text_field="text", sample_bytes=0)
     tok = tokenizers.train(texts, kind="wordpiece", vocab_size=cfg.vocab_size)
     tok_path = out / "tokenizer.json"
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     banner(f"4/5 train the tiny encoder on CPU for {cfg.steps} steps (dynamic masks, fresh every epoch, "
            f"{cfg.train_mask_prob:.0%} of the tokens)")
-    from trainer import train as trainer
+    from maskstream.trainer import train as trainer
     run_dir = out / "run"
     trainer.main(["--data", str(out / "shards" / "train"), "--eval-data", str(out / "shards" / "held_out"),
                   "--out", str(run_dir), "--model-size", "tiny", "--max-steps", str(cfg.steps),
@@ -140,8 +140,8 @@ def report(out: Path, run_dir: Path, seconds: float) -> dict:
     """Print held-out accuracy beside the unigram baseline, and fill-mask predictions; returns the figures."""
     import torch
 
-    from loader.stream import LoaderConfig, MLMLoader
-    from trainer import evaluate
+    from maskstream.loader.stream import LoaderConfig, MLMLoader
+    from maskstream.trainer import evaluate
 
     model, config = evaluate.load_run(run_dir)
     held_out = evaluate.eval_loader(str(out / "shards" / "held_out"), batch_size=32)

@@ -17,7 +17,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from loader.format import INDEX_FILE, check_shard_name
+from maskstream.loader.format import INDEX_FILE, check_shard_name
 
 
 class SourceError(IOError):
