@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskstream.trainer import checkpoint, evaluate
+from maskstream.trainer import checkpoint, evaluate, run_folder
 from maskstream.trainer.train import build, close, main, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ def flags(train_dir, out, *extra):
 
 
 def metrics(out) -> list[dict]:
-    return checkpoint.read_metrics(Path(out))
+    return run_folder.read_metrics(Path(out))
 
 
 def test_loss_decreases_on_real_text(sotu_split, tmp_path):
@@ -48,6 +48,7 @@ def test_checkpoint_round_trip_restores_model_and_fixed_mask_evaluation(sotu_spl
     train(run)
     close(run)
     assert [p.name for p in checkpoint.checkpoints(out)] == ["ckpt-0000003.pt"]
+    assert (out / "ckpt-0000003.json").is_file()  # its checksum
     ckpt = checkpoint.load(checkpoint.latest(out))
     assert {"model", "optimizer", "scheduler", "loader", "rng", "config", "step"} <= set(ckpt)
     assert ckpt["loader"]["sequences_consumed"] == 24 and ckpt["config"]["train"]["seed"] == 3
