@@ -135,14 +135,14 @@ class Checkpointer:
     """Saves and restores `parts` (name -> stateful object or counters dict) in `out`; rank 0 writes."""
 
     def __init__(self, out: Path, parts: dict, *, keep: int, rank: int = 0, world: int = 1,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device | None = None):
         if keep < 1:
             raise ValueError(f"keep={keep} checkpoints; keep at least 1")
         reserved = {"version", "step", "rng", "config"} & set(parts)
         if reserved:
             raise ValueError(f"part names {sorted(reserved)} are reserved; rename them")
         self.out, self.parts, self.keep = Path(out), parts, keep
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device = rank, world, device or torch.device("cpu")
 
     def save(self, step: int, config: dict) -> Path | None:
         """Write ckpt-<step>.pt and its checksum (rank 0); returns the path on rank 0."""

@@ -16,8 +16,9 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"

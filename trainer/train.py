@@ -347,15 +347,8 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
             finite_in_window += 1
             skips_in_a_row = 0
         else:
-            what = f"loss {step_loss.item()}, gradient norm {grad_norm.item()}"
             skips_in_a_row += 1
-            if cfg.on_nonfinite == "stop" or skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
-                why = "" if cfg.on_nonfinite == "stop" else f" for {skips_in_a_row} steps in a row"
-                raise NonFiniteError(f"step {run.step + 1}: non-finite {what}{why}; the run diverged, nothing "
-                                     "was saved past the last checkpoint; lower --lr, raise --warmup or set "
-                                     "--clip, then --resume (or pass --on-nonfinite skip)")
-            run.counters["skipped_steps"] += 1
-            bar.write(f"step {run.step + 1}: skipped the update (non-finite {what})")
+            bar.write(skip_or_stop(run, step_loss, grad_norm, skips_in_a_row))
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
         run.step += 1
@@ -388,6 +381,19 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
             break
     bar.close()
     return last_eval
+
+
+def skip_or_stop(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, in_a_row: int) -> str:
+    """The --on-nonfinite policy for a step whose update was not applied: raise NonFiniteError (stop, or a
+    streak of skips), else count the skip and return the line to print."""
+    what = f"non-finite loss {loss.item()}, gradient norm {grad_norm.item()}"
+    if run.cfg.on_nonfinite == "stop" or in_a_row >= MAX_CONSECUTIVE_SKIPS:
+        streak = "" if run.cfg.on_nonfinite == "stop" else f" for {in_a_row} steps in a row"
+        raise NonFiniteError(f"step {run.step + 1}: {what}{streak}; the run diverged and nothing past the last "
+                             "checkpoint was saved; lower --lr, raise --warmup or set --clip, then --resume "
+                             "(or pass --on-nonfinite skip)")
+    run.counters["skipped_steps"] += 1
+    return f"step {run.step + 1}: skipped the update ({what})"
 
 
 def epoch_of(run: Run) -> float:

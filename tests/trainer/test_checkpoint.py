@@ -37,7 +37,7 @@ def flip_byte(path: Path, at: int = 200) -> None:
 
 
 def test_save_writes_a_sha256_sidecar_and_restore_is_exact(tmp_path):
-    ckpt, p = saved_run(tmp_path)
+    _, p = saved_run(tmp_path)
     path = checkpoint.latest(tmp_path)
     record = json.loads(checkpoint.sidecar(path).read_text())
     assert record["checkpoint"] == "ckpt-0000003.pt" and record["sha256"] == checkpoint.sha256_file(path)
