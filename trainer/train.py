@@ -272,6 +272,9 @@ def run_config(run: Run) -> dict:
 def resume(run: Run) -> None:
     """Continue from the newest intact checkpoint in --out (a fresh start when there is none)."""
     found = run.checkpointer.load_latest()
+    if found is None and latest(run.cfg.out) is not None:
+        raise ValueError(f"--resume: every checkpoint in {run.cfg.out} is damaged, none to resume from; move "
+                         "them aside to start the run over")
     if found is None:
         return
     path, ckpt = found

@@ -154,3 +154,12 @@ def test_on_nonfinite_skip_drops_the_updates_counts_them_and_gives_up_after_a_st
     assert ckpt["step"] == 4 and ckpt["counters"] == {"step": 4, "skipped_steps": 3}
     assert main(nan_flags(train_dir, tmp_path / "streak", "--max-steps", "20", "--on-nonfinite", "skip")) == 1
     assert checkpoint.latest(tmp_path / "streak").name == "ckpt-0000010.pt"  # 9 skips in a row, then stop
+
+
+def test_resume_refuses_a_folder_whose_every_checkpoint_is_damaged(sotu_split, tmp_path):
+    train_dir, _ = sotu_split
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt-0000004.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
+        main(flags(train_dir, out, "--max-steps", "8", "--resume"))
