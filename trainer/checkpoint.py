@@ -1,34 +1,41 @@
-"""A run folder on disk: config.json, atomic checkpoints that resume exactly, metrics.jsonl and the loss plot.
+"""Checkpoints that resume exactly and load safely: RUN/ckpt-<step>.pt plus its checksum, RUN/ckpt-<step>.json.
 
-RUN/
-  config.json           train + model config, vocabulary, the dataset's index summary (written at start)
-  tokenizer.json        copy of the dataset's tokenizer, so fill-mask can tokenize text
-  metrics.jsonl         one JSON line per logged step, and one per evaluation (keys eval_*)
-  loss.png              training and held-out loss against step
-  ckpt-0000100.pt       model, optimizer, schedule, loader state, every rank's RNG state, full config
+The Checkpointer is handed what it saves, as torchtitan's is: a dict of stateful parts (anything with
+state_dict/load_state_dict — model, optimizer, scheduler, loader — or a plain dict of counters) and a
+JSON-able config. It knows nothing of the training loop. It adds every rank's RNG state itself.
+
+Guarantees:
+- written atomically (temporary + rename); the sidecar JSON with the sha256 is written after the checkpoint,
+  so a checkpoint without a matching sidecar is a killed or damaged write and is never resumed from;
+- loaded with torch.load(weights_only=True) after the checksum matches: a crafted file runs no code;
+- a state holding a NaN or an infinity is refused, never written;
+- rotation keeps the newest `keep` checkpoints and never deletes the one just written.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import pickle
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from maskstream.trainer.train import Run
+from maskstream.trainer.run_folder import atomic_write, atomic_write_bytes
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: sidecar checksum, weights_only load, parts + counters
 _CKPT = re.compile(r"^ckpt-(\d{7,})\.pt$")
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose bytes do not match its recorded checksum (or that has none)."""
+
+
 def checkpoints(out: Path) -> list[Path]:
-    """The run's checkpoints, oldest first."""
+    """The run's checkpoint files, oldest first (intact or not)."""
+    out = Path(out)
     if not out.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CKPT.match(p.name))]
@@ -36,8 +43,73 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def latest(out: Path) -> Path | None:
-    found = checkpoints(Path(out))
+    """The newest checkpoint file, intact or not (see load_latest for the newest intact one)."""
+    found = checkpoints(out)
     return found[-1] if found else None
+
+
+def sidecar(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> None:
+    """Raise CorruptCheckpoint unless path's size and sha256 match its sidecar."""
+    path = Path(path)
+    try:
+        record = json.loads(sidecar(path).read_text())
+        want_sha, want_bytes = record["sha256"], record["bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CorruptCheckpoint(f"{path.name} has no readable checksum {sidecar(path).name} "
+                                "(its write was interrupted)") from None
+    size = path.stat().st_size
+    if size != want_bytes:
+        raise CorruptCheckpoint(f"{path.name} is {size} bytes, its checksum file says {want_bytes} (truncated)")
+    if sha256_file(path) != want_sha:
+        raise CorruptCheckpoint(f"{path.name} does not match its sha256 (the file is damaged)")
+
+
+def load(path: Path, map_location="cpu") -> dict:
+    """A verified checkpoint's contents; tensors and plain containers only, so loading runs no code."""
+    verify(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refusing to unpickle anything but tensors and plain containers "
+                         f"({str(e).splitlines()[0]}); this file was not written by maskstream") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        version = ckpt.get("version") if isinstance(ckpt, dict) else None
+        raise ValueError(f"{path}: checkpoint version {version!r}, this trainer reads "
+                         f"{CHECKPOINT_VERSION}; resume with the maskstream version that wrote it")
+    return ckpt
+
+
+def load_latest(out: Path, map_location="cpu") -> tuple[Path, dict] | None:
+    """(path, contents) of the newest intact checkpoint, saying in one line which damaged ones it passed over."""
+    for path in reversed(checkpoints(out)):
+        try:
+            return path, load(path, map_location)
+        except CorruptCheckpoint as e:
+            print(f"warning: skipping {e}; trying the previous checkpoint", file=sys.stderr)
+    return None
+
+
+def _nonfinite(state, where: str = "") -> str | None:
+    """The name of the first floating tensor in a nested state holding a NaN or an infinity, else None."""
+    if isinstance(state, torch.Tensor):
+        return where if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        if (bad := _nonfinite(value, f"{where}.{key}" if where else str(key))) is not None:
+            return bad
+    return None
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -55,139 +127,63 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary name in the same folder, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _state(part):
+    return part.state_dict() if hasattr(part, "state_dict") else dict(part)
 
 
-def save(run: "Run") -> Path | None:
-    """Write RUN/ckpt-<step>.pt (rank 0) holding everything needed to continue bit for bit."""
-    rngs = _gather(_rng_state(run.device), run.world)  # every rank's dropout stream
-    if run.rank != 0:
-        return None
-    out = Path(run.cfg.out)
-    path = out / f"ckpt-{run.step:07d}.pt"
-    atomic_save({
-        "version": CHECKPOINT_VERSION,
-        "step": run.step,
-        "model": run.raw_model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "loader": run.loader.state_dict(),
-        "rng": rngs,
-        "config": run_config(run),
-    }, path)
-    for old in checkpoints(out)[:-run.cfg.keep_checkpoints]:
-        old.unlink()
-    return path
+class Checkpointer:
+    """Saves and restores `parts` (name -> stateful object or counters dict) in `out`; rank 0 writes."""
 
+    def __init__(self, out: Path, parts: dict, *, keep: int, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None):
+        if keep < 1:
+            raise ValueError(f"keep={keep} checkpoints; keep at least 1")
+        reserved = {"version", "step", "rng", "config"} & set(parts)
+        if reserved:
+            raise ValueError(f"part names {sorted(reserved)} are reserved; rename them")
+        self.out, self.parts, self.keep = Path(out), parts, keep
+        self.rank, self.world, self.device = rank, world, device or torch.device("cpu")
 
-def load(path: Path, map_location="cpu") -> dict:
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')!r}, this trainer reads "
-                         f"{CHECKPOINT_VERSION}; resume with the maskstream version that wrote it")
-    return ckpt
+    def save(self, step: int, config: dict) -> Path | None:
+        """Write ckpt-<step>.pt and its checksum (rank 0); returns the path on rank 0."""
+        rngs = _gather(_rng_state(self.device), self.world)  # every rank's dropout stream
+        if self.rank != 0:
+            return None
+        ckpt = {"version": CHECKPOINT_VERSION, "step": int(step), "rng": rngs, "config": config,
+                **{name: _state(part) for name, part in self.parts.items()}}
+        if (bad := _nonfinite(ckpt)) is not None:
+            raise ValueError(f"refusing to checkpoint step {step}: {bad} holds a NaN or an infinity")
+        path = self.out / f"ckpt-{step:07d}.pt"
+        sidecar(path).unlink(missing_ok=True)  # a rewrite of this step: stale checksum first, never a mismatch
+        atomic_write(path, lambda f: torch.save(ckpt, f))
+        record = {"checkpoint": path.name, "step": int(step), "bytes": path.stat().st_size,
+                  "sha256": sha256_file(path)}  # hashed as read back: what is on disk
+        atomic_write_bytes(sidecar(path), (json.dumps(record) + "\n").encode())
+        for old in checkpoints(self.out)[:-self.keep]:
+            if old != path:  # the checkpoint just written is the newest intact one: never rotated away
+                sidecar(old).unlink(missing_ok=True)
+                old.unlink()
+        return path
 
+    def load_latest(self) -> tuple[Path, dict] | None:
+        """(path, contents) of the newest intact checkpoint, on this rank's device; None if there is none."""
+        return load_latest(self.out, map_location=self.device)
 
-def resume(run: "Run") -> int:
-    """Restore run from its latest checkpoint; returns the step to continue from (0 if none)."""
-    path = latest(Path(run.cfg.out))
-    if path is None:
-        return 0
-    ckpt = load(path, map_location=run.device)
-    saved = ckpt["config"]
-    if saved["model"] != run.raw_model.config.to_dict():
-        raise ValueError(f"{path} holds a {saved['train']['model_size']} model with a different shape than "
-                         f"--model-size {run.cfg.model_size}; resume with the run's own flags")
-    if len(ckpt["rng"]) != run.world:
-        raise ValueError(f"{path} was written by {len(ckpt['rng'])} ranks, this run has {run.world}; "
-                         "resume with the same number of processes")
-    run.raw_model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.loader.load_state_dict(ckpt["loader"])
-    rng = ckpt["rng"][run.rank]
-    torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), run.device)
-    return int(ckpt["step"])
-
-
-def run_config(run: "Run") -> dict:
-    index = run.loader.index
-    return {"train": run.cfg.to_dict(), "model": run.raw_model.config.to_dict(), "vocab": run.loader.vocab.to_dict(),
-            "world_size": run.world, "total_steps": run.total_steps,
-            "dataset": {k: index.get(k) for k in ("seq_len", "packing", "tokenizer", "masking", "counts")}}
-
-
-def write_run_config(run: "Run") -> None:
-    """RUN/config.json and RUN/tokenizer.json (copied from the dataset folder when it has one)."""
-    out = Path(run.cfg.out)
-    tmp = out / ".config.json.tmp"
-    tmp.write_text(json.dumps(run_config(run), indent=2))
-    os.replace(tmp, out / "config.json")
-    src = Path(run.cfg.tokenizer) if run.cfg.tokenizer else tokenizer_source(run.cfg.data, run.loader.index)
-    if src is None:
-        print(f"note: {run.cfg.data} has no tokenizer.json; pass --tokenizer FILE so fill-mask can use this run",
-              file=sys.stderr)
-        return
-    data = src.read_bytes()
-    want = (run.loader.index.get("tokenizer") or {}).get("sha256", "")
-    if len(want) == 64 and hashlib.sha256(data).hexdigest() != want:
-        raise ValueError(f"{src} is not the tokenizer {run.cfg.data} was made with (sha256 differs from "
-                         "index.json); pass the tokenizer.json given to `maskstream preprocess`")
-    (out / "tokenizer.json").write_bytes(data)
-
-
-def tokenizer_source(data: str, index: dict) -> Path | None:
-    """DIR/tokenizer.json (the Beam job writes it beside the shards), else the local file index.json names."""
-    local = Path(data) / "tokenizer.json"
-    if local.is_file():
-        return local
-    recorded = ((index.get("config") or {}).get("tokenize") or {}).get("tokenizer")
-    return Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after `step` (a resumed run rewrites them), or the whole file for a fresh run."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    path = Path(out) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
-
-
-def plot(out: Path) -> Path | None:
-    """RUN/loss.png: training loss and held-out loss against step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(out)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train MLM loss", lw=1)
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out MLM loss (fixed mask)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title(Path(out).name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(out) / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    def restore(self, ckpt: dict, path: Path | None = None) -> None:
+        """Load every part and this rank's RNG state from a checkpoint's contents."""
+        where = f"{path}" if path else "the checkpoint"
+        if len(ckpt["rng"]) != self.world:
+            raise ValueError(f"{where} was written by {len(ckpt['rng'])} ranks, this run has {self.world}; "
+                             "resume with the same number of processes")
+        missing = set(self.parts) - set(ckpt)
+        if missing:
+            raise ValueError(f"{where} holds no {sorted(missing)}; resume with the maskstream version that wrote it")
+        for name, part in self.parts.items():
+            if hasattr(part, "load_state_dict"):
+                part.load_state_dict(ckpt[name])
+            else:
+                part.update(ckpt[name])
+        rng = ckpt["rng"][self.rank]
+        torch.set_rng_state(rng["torch"].cpu())
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)

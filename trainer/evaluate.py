@@ -92,13 +92,13 @@ def unigram_baseline(train_loader: MLMLoader, held_out: MLMLoader) -> dict:
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[MLMEncoder, dict]:
-    """The run's latest model (eval mode) and its config.json."""
+    """The run's newest intact model (eval mode) and its config."""
     run_dir = Path(run_dir)
-    path = checkpoint.latest(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint (ckpt-*.pt); train first with "
-                                f"`maskstream train --out {run_dir} ...`")
-    ckpt = checkpoint.load(path)
+    found = checkpoint.load_latest(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} holds no intact checkpoint (ckpt-*.pt with its ckpt-*.json); train "
+                                f"first with `maskstream train --out {run_dir} ...`")
+    _, ckpt = found
     model = MLMEncoder(ModelConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]

@@ -2,18 +2,22 @@
 
 One TrainConfig built from the flags; the loader streams masked batches onto the device; AdamW with warm-up
 and decay, clipping, accumulation, bf16 autocast on GPU, DDP under torchrun. Writes RUN/config.json,
-RUN/metrics.jsonl, RUN/loss.png and atomic checkpoints that resume exactly.
+RUN/metrics.jsonl, RUN/loss.png (run_folder) and checksummed checkpoints that resume exactly (checkpoint).
+
+A non-finite loss or gradient norm never trains on silently: --on-nonfinite stop (the default) ends the run
+with one line and exit status 1 before anything is saved; --on-nonfinite skip drops that update (the step
+still counts, so the schedule and the data stay where they were) and counts it in metrics.jsonl as
+skipped_steps, and stops after MAX_CONSECUTIVE_SKIPS in a row.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +25,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from maskstream.loader.stream import LoaderConfig, MLMLoader
-from maskstream.trainer import checkpoint, evaluate
+from maskstream.trainer import evaluate, run_folder
+from maskstream.trainer.checkpoint import Checkpointer, latest
 from maskstream.trainer.model import PRESETS, MLMEncoder, preset
 
 DECAYS = {
@@ -30,6 +35,8 @@ DECAYS = {
     "constant": lambda t: 1.0,
 }
 MASKINGS = ("dataset", "dynamic", "static")
+ON_NONFINITE = ("stop", "skip")
+MAX_CONSECUTIVE_SKIPS = 10  # a run that skips this many updates in a row has diverged: stop even under skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +70,7 @@ class TrainConfig:
     dropout: float = -1.0          # -1 = the preset's
     compile: bool = False
     resume: bool = False
+    on_nonfinite: str = "stop"     # stop | skip: what a NaN/inf loss or gradient norm does
     progress: bool = True
 
     def __post_init__(self):
@@ -73,6 +81,8 @@ class TrainConfig:
                              f"(got {self.epochs}), e.g. --max-steps 1000")
         if self.masking not in MASKINGS:
             raise ValueError(f"--masking {self.masking!r}; choose one of {MASKINGS}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"--on-nonfinite {self.on_nonfinite!r}; choose one of {', '.join(ON_NONFINITE)}")
         if self.decay not in DECAYS:
             raise ValueError(f"--decay {self.decay!r}; choose one of {', '.join(DECAYS)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -114,6 +124,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--dropout", type=float, default=-1.0)
+    p.add_argument("--on-nonfinite", default="stop", choices=ON_NONFINITE, help="a NaN/inf loss or gradient "
+                   "norm stops the run (default), or skip drops that update and counts it (skipped_steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
@@ -139,7 +151,20 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     eval_loader: MLMLoader | None
-    step: int = 0
+    counters: dict = field(default_factory=lambda: {"step": 0, "skipped_steps": 0})  # saved in checkpoints
+    checkpointer: Checkpointer | None = None
+
+    @property
+    def step(self) -> int:
+        return self.counters["step"]
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.counters["step"] = value
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite: the run has diverged."""
 
 
 def init_distributed(device_flag: str) -> tuple[int, int, torch.device]:
@@ -217,16 +242,47 @@ def build(cfg: TrainConfig) -> Run:
     run = Run(cfg=cfg, rank=rank, world=world, device=device, loader=loader, model=model, raw_model=raw,
               optimizer=optimizer, scheduler=scheduler, total_steps=total, eval_loader=eval_loader)
     out = Path(cfg.out)
-    if cfg.resume:
-        run.step = checkpoint.resume(run)
-    elif rank == 0 and checkpoint.latest(out) is not None:
+    if not cfg.resume and rank == 0 and latest(out) is not None:
         raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue it, "
                               "or choose a new --out")
     if rank == 0:
+        for leftover in run_folder.remove_leftovers(out):
+            print(f"note: removed {leftover.name}, left by a write that was killed", file=sys.stderr)
+    run.checkpointer = Checkpointer(out, {"model": raw, "optimizer": optimizer, "scheduler": scheduler,
+                                          "loader": loader, "counters": run.counters},
+                                    keep=cfg.keep_checkpoints, rank=rank, world=world, device=device)
+    if cfg.resume:
+        resume(run)
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_run_config(run)
-        checkpoint.truncate_metrics(out / "metrics.jsonl", run.step)
+        run_folder.write_config(out, run_config(run))
+        run_folder.copy_tokenizer(out, data=cfg.data, index=loader.index, given=cfg.tokenizer)
+        run_folder.truncate_metrics(out, run.step)
     return run
+
+
+def run_config(run: Run) -> dict:
+    """The whole run as JSON-able values: RUN/config.json and the `config` of every checkpoint."""
+    index = run.loader.index
+    return {"train": run.cfg.to_dict(), "model": run.raw_model.config.to_dict(), "vocab": run.loader.vocab.to_dict(),
+            "world_size": run.world, "total_steps": run.total_steps,
+            "dataset": {k: index.get(k) for k in ("seq_len", "packing", "tokenizer", "masking", "counts")}}
+
+
+def resume(run: Run) -> None:
+    """Continue from the newest intact checkpoint in --out (a fresh start when there is none)."""
+    found = run.checkpointer.load_latest()
+    if found is None and latest(run.cfg.out) is not None:
+        raise ValueError(f"--resume: every checkpoint in {run.cfg.out} is damaged, none to resume from; move "
+                         "them aside to start the run over")
+    if found is None:
+        return
+    path, ckpt = found
+    saved = ckpt["config"]
+    if saved["model"] != run.raw_model.config.to_dict():
+        raise ValueError(f"{path} holds a {saved['train']['model_size']} model with a different shape than "
+                         f"--model-size {run.cfg.model_size}; resume with the run's own flags")
+    run.checkpointer.restore(ckpt, path)
 
 
 # ---- train -----------------------------------------------------------------------------------------------
@@ -251,8 +307,15 @@ def all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
 
 def log_line(run: Run, record: dict) -> None:
     if run.rank == 0:
-        with open(Path(run.cfg.out) / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        run_folder.append_metrics(Path(run.cfg.out), record)
+
+
+def finite_step(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Whether this step's loss and gradient norm are finite on every rank (one sync per step)."""
+    bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).to(torch.float32)
+    if run.world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def train(run: Run, *, stop_at: int = 0) -> dict:
@@ -266,9 +329,10 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                disable=run.rank != 0 or not cfg.progress)
     loss_sum = torch.zeros((), device=device)
-    tokens, t0, last_eval = 0, time.perf_counter(), {}
+    tokens, t0, last_eval, finite_in_window, skips_in_a_row = 0, time.perf_counter(), {}, 0, 0
     run.model.train()
     while run.step < run.total_steps:
+        step_loss = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             batch = next(stream)
             sync = micro == cfg.grad_accum - 1 or run.world == 1
@@ -276,24 +340,32 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
             with ctx, amp:
                 _, loss = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"])
                 (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach() / cfg.grad_accum
+            step_loss += loss.detach() / cfg.grad_accum
             tokens += batch["input_ids"].numel() * run.world
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.clip)
-        run.optimizer.step()
+        # NOTE: max_norm=inf measures without clipping (the scale is exactly 1.0), so --clip 0 still checks.
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.clip or math.inf)
+        if finite_step(run, step_loss, grad_norm):
+            run.optimizer.step()
+            loss_sum += step_loss
+            finite_in_window += 1
+            skips_in_a_row = 0
+        else:
+            skips_in_a_row += 1
+            bar.write(skip_or_stop(run, step_loss, grad_norm, skips_in_a_row))
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
         run.step += 1
         if run.step % cfg.log_every == 0 or run.step == run.total_steps:
-            n = cfg.log_every if run.step % cfg.log_every == 0 else run.step % cfg.log_every
-            loss = all_mean(loss_sum, run.world).item() / n
+            mean = all_mean(loss_sum, run.world).item() / finite_in_window if finite_in_window else None
             dt = time.perf_counter() - t0
-            record = {"step": run.step, "epoch": round(epoch_of(run), 4), "loss": loss,
-                      "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / dt, 1)}
+            record = {"step": run.step, "epoch": round(epoch_of(run), 4), "loss": mean,
+                      "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / dt, 1),
+                      "skipped_steps": run.counters["skipped_steps"]}
             log_line(run, record)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / dt:,.0f}", epoch=f"{record['epoch']:.2f}")
+            bar.set_postfix(loss=f"{mean:.3f}" if mean is not None else "-", tok_s=f"{tokens / dt:,.0f}",
+                            epoch=f"{record['epoch']:.2f}")
             loss_sum.zero_()
-            tokens, t0 = 0, time.perf_counter()
+            tokens, t0, finite_in_window = 0, time.perf_counter(), 0
         bar.update(1)
         done = run.step == run.total_steps
         paused = time.perf_counter()  # evaluation and checkpoint time is left out of tokens/s
@@ -306,12 +378,25 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
                       f"accuracy {last_eval['accuracy']:.3f}  perplexity {last_eval['perplexity']:.1f}")
             run.model.train()
         if done or (cfg.save_every and run.step % cfg.save_every == 0):
-            checkpoint.save(run)
+            run.checkpointer.save(run.step, run_config(run))
         t0 += time.perf_counter() - paused
         if run.step == stop_at:
             break
     bar.close()
     return last_eval
+
+
+def skip_or_stop(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, in_a_row: int) -> str:
+    """The --on-nonfinite policy for a step whose update was not applied: raise NonFiniteError (stop, or a
+    streak of skips), else count the skip and return the line to print."""
+    what = f"non-finite loss {loss.item()}, gradient norm {grad_norm.item()}"
+    if run.cfg.on_nonfinite == "stop" or in_a_row >= MAX_CONSECUTIVE_SKIPS:
+        streak = "" if run.cfg.on_nonfinite == "stop" else f" for {in_a_row} steps in a row"
+        raise NonFiniteError(f"step {run.step + 1}: {what}{streak}; the run diverged and nothing past the last "
+                             "checkpoint was saved; lower --lr, raise --warmup or set --clip, then --resume "
+                             "(or pass --on-nonfinite skip)")
+    run.counters["skipped_steps"] += 1
+    return f"step {run.step + 1}: skipped the update ({what})"
 
 
 def epoch_of(run: Run) -> float:
@@ -344,7 +429,7 @@ def close(run: Run) -> None:
     if run.world > 1:
         check_replicas(run)
     if run.rank == 0:
-        checkpoint.plot(Path(run.cfg.out))
+        run_folder.plot(Path(run.cfg.out))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -355,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     run = build(cfg)
     try:
         train(run)
+    except NonFiniteError as e:
+        print(f"maskstream train: {e}", file=sys.stderr)
+        return 1
     finally:
         close(run)
     return 0

@@ -68,7 +68,7 @@ def plot(out: Path, runs: dict[str, Path]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from maskstream.trainer.checkpoint import read_metrics
+    from maskstream.trainer.run_folder import read_metrics
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, run in runs.items():
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                       a.model_size, "--max-steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr",
                       str(a.lr), "--seed", str(a.seed), "--eval-every", str(max(1, a.steps // a.evals)),
                       "--log-every", "10"])
-        from maskstream.trainer.checkpoint import read_metrics
+        from maskstream.trainer.run_folder import read_metrics
         rows = read_metrics(run)
         last = [r for r in rows if "eval_loss" in r][-1]
         results[name] = {"held_out_loss": last["eval_loss"], "held_out_accuracy": last["eval_accuracy"],

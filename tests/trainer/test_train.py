@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskstream.trainer import checkpoint, evaluate
+from maskstream.trainer import checkpoint, evaluate, run_folder
 from maskstream.trainer.train import build, close, main, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ def flags(train_dir, out, *extra):
 
 
 def metrics(out) -> list[dict]:
-    return checkpoint.read_metrics(Path(out))
+    return run_folder.read_metrics(Path(out))
 
 
 def test_loss_decreases_on_real_text(sotu_split, tmp_path):
@@ -48,6 +48,7 @@ def test_checkpoint_round_trip_restores_model_and_fixed_mask_evaluation(sotu_spl
     train(run)
     close(run)
     assert [p.name for p in checkpoint.checkpoints(out)] == ["ckpt-0000003.pt"]
+    assert (out / "ckpt-0000003.json").is_file()  # its checksum
     ckpt = checkpoint.load(checkpoint.latest(out))
     assert {"model", "optimizer", "scheduler", "loader", "rng", "config", "step"} <= set(ckpt)
     assert ckpt["loader"]["sequences_consumed"] == 24 and ckpt["config"]["train"]["seed"] == 3
@@ -105,3 +106,60 @@ def test_two_process_ddp_with_gloo_trains_and_keeps_replicas_identical(sotu_spli
     ckpt = checkpoint.load(checkpoint.latest(out))
     assert ckpt["config"]["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert ckpt["loader"]["sequences_consumed"] == 6 * 8  # per rank: 6 steps of 8
+
+
+def test_resume_passes_over_a_damaged_latest_checkpoint_and_is_still_exact(sotu_split, tmp_path, capsys):
+    train_dir, _ = sotu_split
+    common = ("--max-steps", "6", "--save-every", "3", "--dropout", "0.1")
+    assert main(flags(train_dir, tmp_path / "whole", *common)) == 0
+    split = tmp_path / "split"
+    assert main(flags(train_dir, split, *common)) == 0
+    latest = checkpoint.latest(split)
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the step-6 checkpoint
+    latest.write_bytes(bytes(data))
+    (split / f".{latest.name}.tmp999").write_bytes(b"half a checkpoint")  # a killed write's leftover
+    capsys.readouterr()
+    assert main(flags(train_dir, split, *common, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "skipping ckpt-0000006.pt does not match its sha256" in err and ".ckpt-0000006.pt.tmp999" in err
+    assert not list(split.glob(".*tmp*"))
+    whole = [(r["step"], r["loss"]) for r in metrics(tmp_path / "whole") if "loss" in r]
+    again = [(r["step"], r["loss"]) for r in metrics(split) if "loss" in r]
+    assert again == whole  # steps 4-6 retrained from the step-3 checkpoint, bit for bit
+
+
+def nan_flags(train_dir, out, *extra):
+    # an absurd learning rate with no clipping: step 1 blows the weights up, step 2's loss is NaN
+    return flags(train_dir, out, "--lr", "1e6", "--clip", "0", "--warmup", "0", "--save-every", "1", *extra)
+
+
+def test_a_nan_loss_stops_the_run_with_one_line_and_no_nan_checkpoint(sotu_split, tmp_path, capsys):
+    train_dir, _ = sotu_split
+    out = tmp_path / "run"
+    assert main(nan_flags(train_dir, out, "--max-steps", "5")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("maskstream train: step 2: non-finite loss nan") and "--lr" in err[-1]
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["ckpt-0000001.pt"]  # finite, before the NaN
+    assert [r["step"] for r in metrics(out)] == [1]
+
+
+def test_on_nonfinite_skip_drops_the_updates_counts_them_and_gives_up_after_a_streak(sotu_split, tmp_path):
+    train_dir, _ = sotu_split
+    assert main(nan_flags(train_dir, tmp_path / "skip", "--max-steps", "4", "--on-nonfinite", "skip")) == 0
+    rows = metrics(tmp_path / "skip")
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 3] and rows[0]["loss"] is not None
+    assert all(r["loss"] is None for r in rows[1:])
+    ckpt = checkpoint.load(checkpoint.latest(tmp_path / "skip"))
+    assert ckpt["step"] == 4 and ckpt["counters"] == {"step": 4, "skipped_steps": 3}
+    assert main(nan_flags(train_dir, tmp_path / "streak", "--max-steps", "20", "--on-nonfinite", "skip")) == 1
+    assert checkpoint.latest(tmp_path / "streak").name == "ckpt-0000010.pt"  # 9 skips in a row, then stop
+
+
+def test_resume_refuses_a_folder_whose_every_checkpoint_is_damaged(sotu_split, tmp_path):
+    train_dir, _ = sotu_split
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt-0000004.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
+        main(flags(train_dir, out, "--max-steps", "8", "--resume"))
