@@ -202,7 +202,11 @@ def run(argv=None) -> dict:
     from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions, TestOptions
     threads = runner is not None and options.view_as(DirectOptions).direct_running_mode == "in_memory"
     builds_only = options.view_as(TestOptions).dry_run or options.view_as(GoogleCloudOptions).template_location
-    removed = [] if builds_only else shards.prepare_output(config.shard.output)   # nothing runs: touch nothing
+    if builds_only:      # nothing runs: touch nothing, but refuse what a real run would refuse
+        shards.check_output(config.shard.output, config.to_dict(), overwrite=args.overwrite)
+        removed = []
+    else:
+        removed = shards.prepare_output(config.shard.output, config.to_dict(), overwrite=args.overwrite)
     if removed:
         logging.info("removed %d files of an earlier run from %s", len(removed), config.shard.output)
     start = time.perf_counter()
