@@ -25,6 +25,8 @@ import tarfile
 
 import numpy as np
 
+from maskstream.errors import UserError
+
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 PARTIAL_SUFFIX = ".partial"  # temporary names of shards being written; renamed when complete
@@ -36,7 +38,7 @@ _INDEX_KEYS = ("format_version", "shards", "counts", "seq_len", "packing", "toke
                "inputs")
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     """A shard or index that does not follow the format: refused, never read around."""
 
 

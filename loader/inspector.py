@@ -178,4 +178,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from maskstream.errors import run_command
+    sys.exit(run_command("maskstream inspect", main))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from maskstream.errors import UserError
+
 IGNORE_INDEX = -100
 SELECTIONS = ("token", "word", "span")
 COUNTS = ("exact", "bernoulli")
@@ -26,7 +28,7 @@ class MaskingConfig:
 
     def __post_init__(self):
         if not 0.0 < self.mask_prob < 1.0:
-            raise ValueError(f"mask_prob={self.mask_prob} must be in (0, 1), e.g. 0.15")
+            raise UserError(f"mask_prob={self.mask_prob} must be in (0, 1); pass e.g. --mask-prob 0.15")
         if self.mask_token_frac < 0 or self.random_token_frac < 0 or \
                 self.mask_token_frac + self.random_token_frac > 1.0:
             raise ValueError(f"mask_token_frac={self.mask_token_frac} and random_token_frac="

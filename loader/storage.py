@@ -17,11 +17,16 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
+from maskstream.errors import UserError
 from maskstream.loader.format import INDEX_FILE, check_shard_name
 
 
 class SourceError(IOError):
     """A shard or index could not be read as index.json describes it."""
+
+
+class DatasetNotFound(SourceError, UserError):
+    """The path given as a dataset holds none: no such folder, or no index.json in it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,9 +55,12 @@ class LocalSource:
 
     def read_index(self) -> bytes:
         path = os.path.join(self.root, INDEX_FILE)
+        if not os.path.isdir(self.root):
+            raise DatasetNotFound(f"dataset folder {self.root} does not exist; pass the --output folder of a "
+                                  "`maskstream preprocess` run")
         if not os.path.exists(path):
-            raise SourceError(f"{path} not found: the dataset is incomplete (index.json is written last) or "
-                              f"the path is wrong; re-run `maskstream preprocess`")
+            raise DatasetNotFound(f"{path} not found: {self.root} is not a maskstream dataset, or its job did not "
+                                  "finish (index.json is written last); re-run `maskstream preprocess`")
         with open(path, "rb") as f:
             return f.read()
 
@@ -170,7 +178,7 @@ class FsspecSource:
         try:
             return self._fs.cat_file(f"{self.root}/{INDEX_FILE}")
         except FileNotFoundError:
-            raise SourceError(f"{self.root}/{INDEX_FILE} not found: the dataset is incomplete or the URL is "
+            raise DatasetNotFound(f"{self.root}/{INDEX_FILE} not found: the dataset is incomplete or the URL is "
                               f"wrong") from None
 
     def read_range(self, name: str, offset: int, end: int, size: int) -> bytes:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from maskstream.errors import UserError
 from maskstream.loader import masking as masking_rule
 from maskstream.loader.order import REMAINDERS, RecordTable
 from maskstream.loader.storage import IOConfig, SourceError, open_source
@@ -67,15 +68,15 @@ class MLMLoader:
         self.static_copies = static_copies(self.index)
         stored = masking_rule.MaskingConfig.from_dict(self.index["masking"]["config"])
         if self.static_copies and masking is not None and masking != stored:
-            raise ValueError(f"{self.root} stores static masks made with {stored}; a different masking config "
+            raise UserError(f"{self.root} stores static masks made with {stored}; a different masking config "
                              f"cannot apply to them. Pass masking=None, or preprocess with --masking dynamic")
         self.masking = stored if masking is None else masking
         n, per_step = self.table.num_sequences, world_size * config.batch_size
         self.batches_per_epoch = n // per_step if config.remainder == "drop" else -(-n // per_step)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.root} holds {n} sequences, fewer than one batch per rank (world_size="
-                             f"{world_size} x batch_size={config.batch_size}); use a smaller batch size, "
-                             f"remainder='wrap', or more data")
+            raise UserError(f"{self.root} holds {n} sequences, fewer than one batch per rank (world_size="
+                            f"{world_size} x batch_size={config.batch_size}); pass a smaller --batch-size "
+                            f"(remainder='wrap' in code), or add data")
         self.epoch, self.sequences_consumed = 0, 0
         self.stats: dict[int, dict] = {}  # epoch -> sequences, batches per rank, dropped, wrapped
 

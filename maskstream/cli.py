@@ -6,6 +6,8 @@ Each subcommand is owned by the package that does the work; this file only dispa
 import importlib
 import sys
 
+from maskstream.errors import run_command
+
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS = {
     "tokenizer": ("maskstream.pipeline.tokenizer", "main", "train a WordPiece or byte-level BPE tokenizer"),
@@ -23,6 +25,8 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: maskstream COMMAND [options]   (maskstream COMMAND --help for its options)", ""]
     lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "A mistake (a path, a flag) is reported in one line, exit 2; --debug or MASKSTREAM_DEBUG=1 "
+              "shows its traceback."]
     return "\n".join(lines)
 
 
@@ -36,8 +40,7 @@ def main(argv=None) -> int:
         print(f"maskstream: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    result = getattr(importlib.import_module(module), func)(rest)
-    return int(result or 0)
+    return run_command(f"maskstream {name}", lambda args: getattr(importlib.import_module(module), func)(args), rest)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ import dataclasses
 import hashlib
 import json
 
+from maskstream.errors import UserError
+
 TEXT_MODES = ("line", "paragraph")     # text files: a document per line, or per blank-line separated block
 PACKINGS = ("full", "doc")             # see pipeline/packing.py PACKERS
 MASKINGS = ("dynamic", "static")
 
 
 def _fail(what: str, value, allowed: str, fix: str):
-    raise ValueError(f"{what}={value!r} is not valid; allowed: {allowed}. {fix}")
+    raise UserError(f"{what}={value!r} is not valid; allowed: {allowed}. {fix}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,10 @@ Raw into document parts or a `Reject` with a reason: nothing is dropped silently
 from __future__ import annotations
 
 import json
+import os
 from typing import Iterator, NamedTuple
+
+from maskstream.errors import MissingPath, UserError
 
 # Reject reasons, in the order the summary prints them.
 INVALID_UTF8 = "invalid_utf8"
@@ -54,7 +57,7 @@ def detect_format(path: str) -> str:
                         (".json", "jsonl"), (".parquet", "parquet")):
         if name.endswith(suffix):
             return fmt
-    raise ValueError(f"cannot tell the format of {path!r} from its name; allowed endings: .txt .jsonl .ndjson "
+    raise UserError(f"cannot tell the format of {path!r} from its name; allowed endings: .txt .jsonl .ndjson "
                      ".json .parquet (each optionally .gz). Rename the file.")
 
 
@@ -62,9 +65,13 @@ def expand_inputs(patterns) -> list[tuple[str, int]]:
     """(path, size) of every file the patterns match, sorted, no duplicates; fails on a pattern matching nothing."""
     from apache_beam.io.filesystems import FileSystems
     files = {}
-    for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
+    # NOTE: Beam's local filesystem matches nothing for a glob without a folder ('pg_*.jsonl'): local
+    # patterns are made absolute, relative to the working directory
+    local = [p if "://" in p else os.path.abspath(p) for p in patterns]
+    for pattern, result in zip(patterns, FileSystems.match(local)):
         if not result.metadata_list:
-            raise FileNotFoundError(f"--input {pattern!r} matches no file; check the path or quote the glob")
+            where = f" (in {os.path.abspath(os.path.dirname(pattern) or '.')})" if "://" not in pattern else ""
+            raise MissingPath(f"--input {pattern} matches no file{where}; check the path and the file names")
         for md in result.metadata_list:
             detect_format(md.path)
             files[md.path] = md.size_in_bytes
@@ -129,7 +136,7 @@ def _read_parquet(path, source):
     with _open(path) as f:
         pf = pq.ParquetFile(f)
         if source.text_field not in pf.schema_arrow.names:
-            raise ValueError(f"{path}: no column {source.text_field!r}; columns: {pf.schema_arrow.names}. "
+            raise UserError(f"{path}: no column {source.text_field!r}; columns: {pf.schema_arrow.names}. "
                              "Pass --text-column NAME.")
         row = 0
         for batch in pf.iter_batches(columns=[source.text_field], batch_size=4096):

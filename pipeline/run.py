@@ -26,6 +26,7 @@ import re
 import sys
 import time
 
+from maskstream.errors import UserError
 from maskstream.pipeline.config import MASKINGS, PACKINGS, TEXT_MODES, config_from_args
 from maskstream.pipeline.tokenizer import load_tokenizer
 
@@ -35,7 +36,7 @@ AUTO_IN_MEMORY_CORES = 2               # auto: one process with Rust threads up 
 AUTO_IN_MEMORY_BYTES = 64 << 20        # ... or for inputs up to this size on more cores
 
 
-def parse(argv) -> tuple[argparse.Namespace, list[str]]:
+def parser() -> argparse.ArgumentParser:
     # NOTE: each hyphenated flag also has an underscore spelling, the form Dataflow flex templates pass.
     p = argparse.ArgumentParser(prog="maskstream preprocess", description=__doc__.split("\n")[0],
                                 epilog="Unknown flags go to Beam's PipelineOptions (e.g. --runner, --project).")
@@ -67,12 +68,45 @@ def parse(argv) -> tuple[argparse.Namespace, list[str]]:
                    help="local runner only: in_memory (one process, the tokenizer's Rust threads on every core), "
                         "multi_processing (a Beam worker process per core), or auto (see the module doc)")
     p.add_argument("--quiet", action="store_true", help="no summary")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --output holds when it is another dataset or holds files not its own")
+    return p
+
+
+def parse(argv) -> tuple[argparse.Namespace, list[str]]:
+    p = parser()
     args, beam_args = p.parse_known_args(argv)
     if args.whole_word and args.selection != "token":
         p.error(f"--whole-word contradicts --selection {args.selection}; pass one of them")
     if args.static_copies is None:
         args.static_copies = 10 if args.masking == "static" else 0
     return args, beam_args
+
+
+def check_beam_flags(beam_args: list[str]) -> None:
+    """Refuse a flag that neither maskstream nor any of Beam's PipelineOptions defines (a typo would else be
+    dropped silently by Beam), suggesting the closest known spelling."""
+    import difflib
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+    beam = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=beam.append)   # Beam's own parser, all its flags
+
+    def refuse(message):
+        raise UserError(f"{message} (a Beam pipeline option)")
+    beam[0].error = refuse        # argparse would print Beam's whole usage and exit
+    _, unknown = beam[0].parse_known_args(beam_args)
+    flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-") and a != "--"]
+    if not flags:
+        return
+    # maskstream's flags by their first (hyphenated) spelling, then Beam's; matched ignoring - versus _
+    known = [a.option_strings[0] for a in parser()._actions if a.option_strings[0].startswith("--")]
+    known += [o for a in beam[0]._actions for o in a.option_strings if o.startswith("--")]
+    norm = {k.replace("_", "-"): k for k in reversed(known)}
+    close = difflib.get_close_matches(flags[0].replace("_", "-"), list(norm), n=1, cutoff=0.6)
+    hint = f" (did you mean {norm[close[0]]}?)" if close else \
+        "; see `maskstream preprocess --help` and Beam's pipeline options"
+    raise UserError(f"unknown flag {flags[0]}{hint}")
 
 
 def auto_mode(cores: int, input_bytes: int) -> str:
@@ -93,12 +127,12 @@ def pipeline_options(beam_args: list[str], *, local_mode: str = "auto", input_by
         return options, None
     direct = options.view_as(DirectOptions)
     if direct.direct_running_mode == "multi_threading":
-        raise SystemExit("--direct_running_mode=multi_threading was seen to drop elements; use "
+        raise UserError("--direct_running_mode=multi_threading was seen to drop elements; use "
                          "multi_processing or in_memory (or leave it out: --local-mode auto picks)")
     cores = len(os.sched_getaffinity(0))
     if any(a.startswith("--direct_running_mode") for a in beam_args):
         if local_mode not in ("auto", direct.direct_running_mode):
-            raise SystemExit(f"--local-mode {local_mode} contradicts --direct_running_mode="
+            raise UserError(f"--local-mode {local_mode} contradicts --direct_running_mode="
                              f"{direct.direct_running_mode}; pass one of them")
     else:
         direct.direct_running_mode = auto_mode(cores, input_bytes) if local_mode == "auto" else local_mode
@@ -133,7 +167,8 @@ def prepare(args):
     args.tokenizer_sha256 = info.sha256
     config = config_from_args(args)
     if config.pack.seq_len <= len(info.prefix) + len(info.suffix):
-        raise SystemExit(f"--seq-len {config.pack.seq_len} leaves no room between the tokenizer's specials")
+        raise UserError(f"--seq-len {config.pack.seq_len} leaves no room between the tokenizer's specials; "
+                        "pass a larger --seq-len, e.g. 128")
     inputs = expand_inputs(config.source.inputs)
     return config, info, text, inputs
 
@@ -160,13 +195,18 @@ def run(argv=None) -> dict:
 
     from maskstream.pipeline import progress, shards, transforms
     args, beam_args = parse(sys.argv[1:] if argv is None else argv)
+    check_beam_flags(beam_args)
     config, info, text, inputs = prepare(args)
     options, runner = pipeline_options(beam_args, local_mode=args.local_mode,
                                        input_bytes=sum(n for _, n in inputs))
     from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions, TestOptions
     threads = runner is not None and options.view_as(DirectOptions).direct_running_mode == "in_memory"
     builds_only = options.view_as(TestOptions).dry_run or options.view_as(GoogleCloudOptions).template_location
-    removed = [] if builds_only else shards.prepare_output(config.shard.output)   # nothing runs: touch nothing
+    if builds_only:      # nothing runs: touch nothing, but refuse what a real run would refuse
+        shards.check_output(config.shard.output, config.to_dict(), overwrite=args.overwrite)
+        removed = []
+    else:
+        removed = shards.prepare_output(config.shard.output, config.to_dict(), overwrite=args.overwrite)
     if removed:
         logging.info("removed %d files of an earlier run from %s", len(removed), config.shard.output)
     start = time.perf_counter()
@@ -246,4 +286,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from maskstream.errors import run_command
+    sys.exit(run_command("maskstream preprocess", main))

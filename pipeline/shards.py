@@ -1,18 +1,22 @@
 """Writing the dataset: shards, rejects and index.json (the record logic of WriteShards and WriteIndex).
 
 Every file is written under a temporary name and renamed when complete; `prepare_output` removes what a
-crashed or earlier run left (index.json first, so a half-rewritten dataset is never taken for a complete one).
+crashed or earlier run of the same dataset left (index.json first, so a half-rewritten dataset is never taken
+for a complete one); it refuses a folder holding another dataset or files not a dataset's own (unless
+--overwrite), and never deletes those.
 Local folders use loader.format's ShardWriter.create / write_index; other Beam filesystems (gs://, s3://)
 stream through FileSystems and rename the same way.
 """
 from __future__ import annotations
 
 import collections
+import json
 import os
 
 import numpy as np
 
 from maskstream.loader import format as fmt
+from maskstream.pipeline.config import data_hash
 from maskstream.pipeline.packing import SeqBatch, shard_order
 from maskstream.pipeline.readers import REASONS
 
@@ -48,14 +52,78 @@ def _write_atomic(path: str, data: bytes) -> None:
     FileSystems.rename([temp], [path])
 
 
-def prepare_output(output: str) -> list[str]:
-    """Make the folder and delete what an earlier or crashed run left; returns the names removed."""
+def _local_files(folder: str) -> list[str]:
+    """Every file under a local folder, as paths relative to it with / separators."""
+    found = []
+    for root, _, files in os.walk(folder):
+        rel = os.path.relpath(root, folder)
+        found += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in files]
+    return sorted(found)
+
+
+def _earlier_index(folder: str) -> dict | None:
+    """The index.json an earlier run left, or None when there is none or it does not read (a crashed run)."""
+    try:
+        with open(os.path.join(folder, fmt.INDEX_FILE), "rb") as f:
+            index = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) and isinstance(index.get("config"), dict) else None
+
+
+def check_output(output: str, config: dict, *, overwrite: bool = False) -> list[str]:
+    """The files of an earlier run to delete before the job (relative paths, index.json first).
+
+    Refused unless overwrite: a folder whose index.json records another config (data_hash differs), or one
+    holding files that are not a dataset's own (its listed shards, the shards this job writes, index.json,
+    tokenizer.json, rejects/rejects.jsonl and their temporary names). Files not a dataset's own are never
+    returned, so never deleted. config: PipelineConfig.to_dict()."""
+    from maskstream.errors import UserError
+    if not is_local(output) or not os.path.isdir(join(output)):
+        return []
+    folder = join(output)
+    earlier = _earlier_index(folder)
+    if earlier is not None and not overwrite:
+        try:
+            same = data_hash(earlier["config"]) == data_hash(config)
+        except (KeyError, TypeError, AttributeError):
+            same = False
+        if not same:
+            raise UserError(f"--output {output} holds another dataset (its index.json records a different "
+                            "config); pass a new --output, or --overwrite to replace it")
+    shards = {fmt.shard_name(i) for i in range(config["shard"]["num_shards"])}
+    if earlier is not None:
+        shards |= {e.get("name") for e in earlier.get("shards", []) if isinstance(e, dict)}
+    own = {fmt.INDEX_FILE, TOKENIZER_FILE, f"{REJECTS_DIR}/{REJECTS_FILE}", *shards}
+    own |= {name + fmt.PARTIAL_SUFFIX for name in own}
+    files = _local_files(folder)
+    foreign = [f for f in files if f not in own]
+    if foreign and not overwrite:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UserError(f"--output {output} holds files that are not this dataset's own "
+                        f"({', '.join(foreign[:3])}{more}); pass an empty or new --output, or --overwrite "
+                        "(they are kept either way)")
+    return sorted((f for f in files if f in own), key=lambda f: (f != fmt.INDEX_FILE, f))
+
+
+def prepare_output(output: str, config: dict | None = None, *, overwrite: bool = False) -> list[str]:
+    """Make the folder and delete what an earlier or crashed run of the dataset left; returns the paths removed.
+
+    Local folders go through check_output (which refuses another dataset or foreign files); on other
+    filesystems only the dataset's own names (index.json, shards, rejects) are matched and deleted."""
     from apache_beam.io.filesystems import FileSystems
+    if is_local(output) and config is not None:
+        stale = [join(output, f) for f in check_output(output, config, overwrite=overwrite)]
+        for path in stale:   # index.json comes first: the dataset turns incomplete at once
+            os.remove(path)
+        os.makedirs(join(output, REJECTS_DIR), exist_ok=True)
+        return stale
     if is_local(output):
         os.makedirs(join(output, REJECTS_DIR), exist_ok=True)
     patterns = [join(output, fmt.INDEX_FILE), join(output, fmt.INDEX_FILE + fmt.PARTIAL_SUFFIX),
-                join(output, "shard-*.tar"), join(output, "shard-*.tar" + fmt.PARTIAL_SUFFIX),
-                join(output, REJECTS_DIR, REJECTS_FILE + "*")]
+                join(output, "shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar"),
+                join(output, "shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar" + fmt.PARTIAL_SUFFIX),
+                join(output, REJECTS_DIR, REJECTS_FILE), join(output, REJECTS_DIR, REJECTS_FILE + fmt.PARTIAL_SUFFIX)]
     removed = []
     for result in FileSystems.match(patterns):   # index.json comes first: the dataset turns incomplete at once
         paths = [m.path for m in result.metadata_list]

@@ -18,6 +18,7 @@ import sys
 import typing
 import zlib
 
+from maskstream.errors import MissingPath, UserError
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 # kind -> (special tokens in id order, pad, unk, cls/bos, sep/eos, mask)
@@ -102,8 +103,9 @@ def describe(tok: Tokenizer, json_text: str) -> TokenizerInfo:
     pad = next((vocab[n] for n in PAD_NAMES if n in vocab), None)
     mask = next((vocab[n] for n in MASK_NAMES if n in vocab), None)
     if pad is None or mask is None:
-        raise ValueError(f"tokenizer has no {'pad' if pad is None else 'mask'} token (looked for "
-                         f"{PAD_NAMES + MASK_NAMES}); train one with `maskstream tokenizer train` or add it.")
+        what, names = ("pad", PAD_NAMES) if pad is None else ("mask", MASK_NAMES)
+        raise UserError(f"the tokenizer has no {what} token (looked for {' or '.join(names)}); train one with "
+                        "`maskstream tokenizer train` or add the token to it")
     # The post-processor's wrapping: find the content ids inside the full encoding.
     body = tok.encode("a", add_special_tokens=False).ids
     full = tok.encode("a", add_special_tokens=True).ids
@@ -123,8 +125,15 @@ def describe(tok: Tokenizer, json_text: str) -> TokenizerInfo:
 
 def load_tokenizer(path: str) -> tuple[Tokenizer, TokenizerInfo, str]:
     """(tokenizer, info, json text) of a tokenizer.json file."""
-    text = read_bytes(path).decode("utf-8")
-    tok = tokenizer_from_json(text)
+    if "://" not in path and not os.path.isfile(path):
+        raise MissingPath(f"tokenizer file {path} does not exist; pass a tokenizer.json "
+                          "(make one with `maskstream tokenizer train`)")
+    try:
+        text = read_bytes(path).decode("utf-8")
+        tok = tokenizer_from_json(text)
+    except Exception as e:   # the tokenizers library raises a bare Exception for any malformed file
+        raise UserError(f"{path} is not a tokenizers `tokenizer.json` ({str(e).splitlines()[0][:80]}); "
+                        "pass one saved by Tokenizer.save or `maskstream tokenizer train`") from e
     return tok, describe(tok, text), text
 
 

@@ -4,4 +4,5 @@ import sys
 from maskstream.trainer.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from maskstream.errors import run_command
+    sys.exit(run_command("maskstream train", main))

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from maskstream.errors import MissingPath, UserError
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 from maskstream.trainer import checkpoint
 from maskstream.trainer.model import IGNORE_INDEX, MLMEncoder, ModelConfig
@@ -54,7 +55,7 @@ def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, worl
     model.train(was_training)
     loss_sum, correct, n = sums.tolist()
     if n == 0:
-        raise ValueError("the held-out set produced no predictions; give it more sequences")
+        raise UserError("the held-out set produced no predictions; give it more sequences")
     loss = loss_sum / n
     return {"loss": loss, "accuracy": correct / n, "perplexity": math.exp(min(loss, 50.0)), "predictions": int(n)}
 
@@ -96,8 +97,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[MLMEncoder, d
     run_dir = Path(run_dir)
     found = checkpoint.load_latest(run_dir)
     if found is None:
-        raise FileNotFoundError(f"{run_dir} holds no intact checkpoint (ckpt-*.pt with its ckpt-*.json); train "
-                                f"first with `maskstream train --out {run_dir} ...`")
+        raise MissingPath(f"{run_dir} holds no intact checkpoint (ckpt-*.pt with its ckpt-*.json); train "
+                          f"first with `maskstream train --out {run_dir} ...`")
     _, ckpt = found
     model = MLMEncoder(ModelConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt["model"])
@@ -109,7 +110,7 @@ def load_tokenizer(run_dir: str | Path):
 
     path = Path(run_dir) / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the dataset had no tokenizer.json beside index.json; "
+        raise MissingPath(f"{path} is missing: the dataset had no tokenizer.json beside index.json; "
                                 "copy the tokenizer the Beam job used into the run folder")
     return Tokenizer.from_file(str(path))
 
@@ -122,7 +123,7 @@ def fill_mask(model: MLMEncoder, tokenizer, vocab: dict, text: str, *, top_k: in
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)
     where = (input_ids[0] == vocab["mask_id"]).nonzero().squeeze(1)
     if where.numel() == 0:
-        raise ValueError(f"no {mask_token} in {text!r}; write [MASK] where a word should be predicted")
+        raise UserError(f"no {mask_token} in {text!r}; write [MASK] where a word should be predicted")
     logits, _ = model(input_ids, torch.ones_like(input_ids, dtype=torch.bool))
     probs = logits[0, where].float().softmax(dim=-1)  # (M, V)
     special = torch.tensor(vocab["special_ids"], device=probs.device)
@@ -150,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     model, _ = load_run(a.run, device=a.device)
     held_out = eval_loader(a.data, batch_size=a.batch_size, device=a.device)
+    if held_out.seq_len > model.config.max_len:
+        raise UserError(f"--data {a.data} holds sequences of {held_out.seq_len} tokens but the model of {a.run} "
+                        f"accepts at most {model.config.max_len}; preprocess it with --seq-len "
+                        f"{model.config.max_len} or less")
     result = {"run": a.run, "data": a.data, **evaluate(model, held_out, device=torch.device(a.device))}
     if a.baseline_data:
         train = MLMLoader(a.baseline_data, LoaderConfig(batch_size=a.batch_size, remainder="wrap"),
@@ -173,4 +178,5 @@ def fill_mask_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from maskstream.errors import run_command
+    sys.exit(run_command("maskstream evaluate", main))

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from maskstream.errors import MissingPath, PathExists, UserError
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 from maskstream.trainer import evaluate, run_folder
 from maskstream.trainer.checkpoint import Checkpointer, latest
@@ -69,7 +70,7 @@ class TrainConfig:
     num_workers: int = 0
     dropout: float = -1.0          # -1 = the preset's
     compile: bool = False
-    resume: bool = False
+    resume: str = ""               # "" new run | "latest" (refused without a checkpoint) | "auto" (fresh without one)
     on_nonfinite: str = "stop"     # stop | skip: what a NaN/inf loss or gradient norm does
     progress: bool = True
 
@@ -90,6 +91,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.resume not in ("", "latest", "auto"):
+            raise ValueError(f"--resume {self.resume!r}; pass --resume (the latest checkpoint) or --resume auto")
         if self.lr <= 0 or self.clip < 0:
             raise ValueError(f"--lr {self.lr} must be > 0 and --clip {self.clip} >= 0 (0 disables clipping)")
 
@@ -111,7 +114,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
                    "fill-mask (default: DIR/tokenizer.json when the dataset has one)")
     p.add_argument("--masking", default="dataset", choices=MASKINGS)
     p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", nargs="?", const="latest", default="", choices=("latest", "auto"),
+                   help="continue from the latest checkpoint in --out (refused when there is none); "
+                        "--resume auto: continue if there is one, else start a new run")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default: 6%% of the run)")
     p.add_argument("--decay", default="linear", choices=list(DECAYS))
@@ -171,7 +176,7 @@ def init_distributed(device_flag: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); joins the process group when launched by torchrun."""
     want_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but torch sees no CUDA device; use --device cpu")
+        raise UserError("--device cuda but torch sees no CUDA device; pass --device cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():
@@ -203,12 +208,33 @@ def check_masking(cfg: TrainConfig, index: dict) -> None:
     if cfg.masking != "dataset" and cfg.masking != mode:
         fix = ("preprocess with `maskstream preprocess --masking static --static-copies K`"
                if cfg.masking == "static" else "preprocess with `maskstream preprocess --masking dynamic`")
-        raise ValueError(f"--masking {cfg.masking} but {cfg.data} holds {mode} masks; {fix}, "
+        raise UserError(f"--masking {cfg.masking} but {cfg.data} holds {mode} masks; {fix}, "
                          "or pass --masking dataset")
+
+
+def check_out(cfg: TrainConfig, rank: int) -> None:
+    """--out against --resume, before anything is built: a new run never overwrites checkpoints."""
+    has_checkpoint = latest(Path(cfg.out)) is not None
+    if cfg.resume == "latest" and not has_checkpoint:
+        raise MissingPath(f"--resume but {cfg.out} holds no checkpoint (ckpt-*.pt); drop --resume to start a new "
+                          "run there, or pass --resume auto")
+    if not cfg.resume and has_checkpoint:
+        raise PathExists(f"{cfg.out} already holds checkpoints; pass --resume to continue it, or choose a new --out")
+    if cfg.resume == "auto" and not has_checkpoint and rank == 0:
+        print(f"--resume auto: {cfg.out} holds no checkpoint; starting a new run", file=sys.stderr)
+
+
+def check_length(cfg: TrainConfig, loader: MLMLoader, max_len: int, what: str) -> None:
+    """The dataset's sequences fit the model."""
+    if loader.seq_len > max_len:
+        raise UserError(f"{what} {loader.root} holds sequences of {loader.seq_len} tokens but the "
+                        f"--model-size {cfg.model_size} model of this run accepts at most {max_len}; "
+                        f"preprocess it with --seq-len {max_len} or less")
 
 
 def build(cfg: TrainConfig) -> Run:
     rank, world, device = init_distributed(cfg.device)
+    check_out(cfg, rank)
     loader = MLMLoader(cfg.data, LoaderConfig(batch_size=cfg.batch_size, seed=cfg.seed,
                                               num_workers=cfg.num_workers),
                        rank=rank, world_size=world, device=str(device))
@@ -227,7 +253,7 @@ def build(cfg: TrainConfig) -> Run:
                                   lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
     per_epoch = loader.batches_per_epoch // cfg.grad_accum
     if per_epoch < 1 and cfg.epochs > 0:
-        raise ValueError(f"{loader.batches_per_epoch} batches per epoch < --grad-accum {cfg.grad_accum}")
+        raise UserError(f"{loader.batches_per_epoch} batches per epoch < --grad-accum {cfg.grad_accum}")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     model = raw
@@ -239,12 +265,10 @@ def build(cfg: TrainConfig) -> Run:
     if cfg.eval_data:
         eval_loader = evaluate.eval_loader(cfg.eval_data, batch_size=cfg.batch_size, rank=rank, world=world,
                                            device=str(device))
+        check_length(cfg, eval_loader, model_cfg.max_len, "--eval-data")
     run = Run(cfg=cfg, rank=rank, world=world, device=device, loader=loader, model=model, raw_model=raw,
               optimizer=optimizer, scheduler=scheduler, total_steps=total, eval_loader=eval_loader)
     out = Path(cfg.out)
-    if not cfg.resume and rank == 0 and latest(out) is not None:
-        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue it, "
-                              "or choose a new --out")
     if rank == 0:
         for leftover in run_folder.remove_leftovers(out):
             print(f"note: removed {leftover.name}, left by a write that was killed", file=sys.stderr)
@@ -273,15 +297,15 @@ def resume(run: Run) -> None:
     """Continue from the newest intact checkpoint in --out (a fresh start when there is none)."""
     found = run.checkpointer.load_latest()
     if found is None and latest(run.cfg.out) is not None:
-        raise ValueError(f"--resume: every checkpoint in {run.cfg.out} is damaged, none to resume from; move "
-                         "them aside to start the run over")
+        raise UserError(f"--resume: every checkpoint in {run.cfg.out} is damaged, none to resume from; move "
+                        "them aside to start the run over")
     if found is None:
         return
     path, ckpt = found
     saved = ckpt["config"]
     if saved["model"] != run.raw_model.config.to_dict():
-        raise ValueError(f"{path} holds a {saved['train']['model_size']} model with a different shape than "
-                         f"--model-size {run.cfg.model_size}; resume with the run's own flags")
+        raise UserError(f"{path} holds a {saved['train']['model_size']} model with a different shape than "
+                        f"--model-size {run.cfg.model_size}; resume with the run's own flags")
     run.checkpointer.restore(ckpt, path)
 
 

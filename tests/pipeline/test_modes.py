@@ -34,7 +34,7 @@ def test_local_runner_samples_state_often_so_bundles_end_without_a_200_ms_wait()
 
 
 def test_local_mode_contradicting_beams_running_mode_is_refused():
-    with pytest.raises(SystemExit, match="contradicts"):
+    with pytest.raises(ValueError, match="contradicts"):
         pipeline_run.pipeline_options(["--direct_running_mode=multi_processing"], local_mode="in_memory")
     options, runner = pipeline_run.pipeline_options(["--direct_running_mode=in_memory"], local_mode="in_memory")
     assert runner is not None and options.get_all_options()["direct_running_mode"] == "in_memory"

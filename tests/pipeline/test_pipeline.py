@@ -150,7 +150,7 @@ def test_oversized_documents_are_split_and_all_their_tokens_kept(tmp_path, bert_
 
 
 def test_multi_threading_mode_is_refused(tmp_path, bert_json, sotu_subset, job):
-    with pytest.raises(SystemExit, match="multi_threading"):
+    with pytest.raises(ValueError, match="multi_threading"):
         job([sotu_subset], bert_json, tmp_path / "o", "--direct_running_mode", "multi_threading")
 
 
