@@ -17,6 +17,7 @@ import json
 import os
 import sys
 
+from maskstream.errors import UserError
 from maskstream.loader import format as fmt
 from maskstream.loader.masking import IGNORE_INDEX
 from maskstream.loader.order import RecordTable
@@ -146,9 +147,10 @@ def main(argv=None) -> int:
                        pin_memory=False)
     try:
         loader = MLMLoader(args.dataset, cfg, rank=args.rank, world_size=args.world_size)
-    except (fmt.FormatError, SourceError, ValueError) as e:
-        print(f"maskstream inspect: {e}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise              # one line from the CLI (a traceback with --debug)
+    except (SourceError, ValueError) as e:   # a URL that does not answer, a --rank/--world-size/--batch-size misfit
+        raise UserError(str(e)) from e
     loader.set_epoch(args.epoch)
     if not (args.verify or args.show or args.dump_masks):
         print(summary(loader))

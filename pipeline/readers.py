@@ -65,16 +65,18 @@ def expand_inputs(patterns) -> list[tuple[str, int]]:
     """(path, size) of every file the patterns match, sorted, no duplicates; fails on a pattern matching nothing."""
     from apache_beam.io.filesystems import FileSystems
     files = {}
-    # NOTE: Beam's local filesystem matches nothing for a glob without a folder ('pg_*.jsonl'): local
-    # patterns are made absolute, relative to the working directory
-    local = [p if "://" in p else os.path.abspath(p) for p in patterns]
-    for pattern, result in zip(patterns, FileSystems.match(local)):
+    # NOTE: Beam's local filesystem matches nothing for a glob without a folder ('pg_*.jsonl'), so such a
+    # pattern is matched as './pg_*.jsonl' and the './' dropped again: paths stay as given (they key the uids)
+    bare = [p for p in patterns if "://" not in p and not os.path.dirname(p)]
+    matched = FileSystems.match([os.path.join(".", p) if p in bare else p for p in patterns])
+    for pattern, result in zip(patterns, matched):
         if not result.metadata_list:
             where = f" (in {os.path.abspath(os.path.dirname(pattern) or '.')})" if "://" not in pattern else ""
             raise MissingPath(f"--input {pattern} matches no file{where}; check the path and the file names")
         for md in result.metadata_list:
-            detect_format(md.path)
-            files[md.path] = md.size_in_bytes
+            path = md.path.removeprefix("./") if pattern in bare else md.path
+            detect_format(path)
+            files[path] = md.size_in_bytes
     return sorted(files.items())
 
 
