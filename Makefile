@@ -3,17 +3,20 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The torch pin (`torch==X.Y.Z`), read from pyproject.toml: the one place pins live.
+TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
 
-.PHONY: install bytecode demo test bench bench-env clean
+.PHONY: install bytecode demo test test-fast bench bench-env clean
 
 install: $(STAMP)
 
-# NOTE: torch is installed first and pinned: 2.13.0 resolves to the local CPU wheel; an unpinned
-# torch would pull several GB of CUDA packages.
+# NOTE: torch is installed first and pinned (TORCH_PIN): on these machines the pin resolves to the local CPU
+# wheel; an unpinned torch would pull several GB of CUDA packages.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	test -n "$(TORCH_PIN)" || { echo "no torch== pin found in pyproject.toml" >&2; exit 2; }
+	$(BIN)/pip install -q '$(TORCH_PIN)'
 	$(BIN)/pip install -q -e '.[test,dataflow,remote]'
 	touch $(STAMP)
 
@@ -26,8 +29,13 @@ bytecode: install
 demo: bytecode
 	$(BIN)/maskstream demo
 
+# Everything, the slow tests included (CI runs this: .ci/run).
 test: bytecode
 	$(BIN)/python -m pytest -q tests
+
+# The tests not marked slow (@pytest.mark.slow: more than ~3 s each): under a minute, for the edit-test loop.
+test-fast: bytecode
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 $(VENV)/.bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data"      # see data/README.md for each file's source and license
+from helpers import DATA, SOTU, TOKENIZER
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -18,13 +18,13 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def bert_tokenizer_file(data_dir) -> Path:
-    return data_dir / "tokenizers" / "bert-base-uncased.json"
+def bert_tokenizer_file() -> Path:
+    return TOKENIZER
 
 
 @pytest.fixture(scope="session")
-def sotu_file(data_dir) -> Path:
-    return data_dir / "sotu.jsonl.gz"
+def sotu_file() -> Path:
+    return SOTU
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,9 +1,12 @@
 """`maskstream demo --quick` end to end: tokenizer, Beam job, training, evaluation and fill-mask."""
 import json
 
+import pytest
+
 from maskstream.workflows import demo
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_the_whole_chain_and_reports_against_the_unigram_baseline(tmp_path, capsys):
     assert demo.main(["--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out

@@ -1,11 +1,10 @@
 """End to end: the Beam job's shards, read back by the streaming loader, give the masks the rule promises."""
 from __future__ import annotations
 
-import gzip
-
 import numpy as np
 import pytest
 import torch
+from helpers import read_sequences, write_sotu_subset
 
 from maskstream.loader import format as fmt
 from maskstream.loader.masking import mask_batch
@@ -17,12 +16,8 @@ SEED = 17
 
 
 @pytest.fixture(scope="module")
-def corpus(sotu_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "sotu-8.jsonl"
-    with gzip.open(sotu_file, "rt") as f, open(out, "w") as g:
-        for _, line in zip(range(8), f):
-            g.write(line)
-    return out
+def corpus(tmp_path_factory):
+    return write_sotu_subset(tmp_path_factory.mktemp("corpus") / "sotu-8.jsonl", 8)
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +30,9 @@ def static_dataset(corpus, bert_tokenizer_file, tmp_path_factory):
 
 
 def _raw_sequences(root):
-    """uid -> (tokens, word_starts, length), straight from the tar records."""
-    import webdataset as wds
+    """(index, uid -> (tokens, word_starts, length, ...)), straight from the tar records."""
     index = fmt.read_index((root / fmt.INDEX_FILE).read_bytes())
-    out = {}
-    for shard in index["shards"]:
-        for sample in wds.WebDataset(str(root / shard["name"]), shardshuffle=False):
-            members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            block = fmt.decode_block(members, seq_len=index["seq_len"],
-                                     vocab_size=index["tokenizer"]["vocab_size"],
-                                     static_copies=index["masking"]["static_copies"])
-            for i, uid in enumerate(block.uids.tolist()):
-                out[uid] = (block.tokens[i].astype(np.int64), block.word_starts[i], int(block.lengths[i]))
-    return index, out
+    return index, read_sequences(root, index)
 
 
 def test_static_shards_through_the_loader_equal_the_dynamic_rule_for_epoch_mod_k(static_dataset):

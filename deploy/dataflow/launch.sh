@@ -50,6 +50,7 @@ case "$cmd" in
       STAGE=$(mktemp -d); trap 'rm -rf "$STAGE"' EXIT
       mkdir "$STAGE/maskstream" && cp "$ROOT/maskstream/__init__.py" "$STAGE/maskstream/"
       cp -r "$ROOT/pipeline" "$ROOT/loader" "$STAGE/" && cp "$ROOT/deploy/dataflow/setup.py" "$STAGE/"
+      sed -n 's/^ *"\(torch==[^"]*\)",*$/\1/p' "$ROOT/pyproject.toml" > "$STAGE/torch-requirement.txt"
       WORKER=(--setup_file="$STAGE/setup.py")
     fi
     cd "$ROOT" && "$PY" -m maskstream.pipeline.run --input "$INPUT" --tokenizer "$TOKENIZER" --output "$OUTPUT" \

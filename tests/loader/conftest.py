@@ -1,12 +1,7 @@
-"""Loader test fixtures: small real shard folders built in tmp_path (see loader_fixtures.py)."""
-import sys
-from pathlib import Path
-
+"""Loader test fixtures: small real shard folders built in tmp_path (see tests/helpers.py)."""
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from loader_fixtures import build_dataset  # noqa: E402
+from helpers import build_dataset
 
 
 @pytest.fixture

@@ -1,24 +1,17 @@
 """Two real processes, gloo, a DDP model, deliberately uneven shards: equal steps, disjoint data, no hang."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from loader_fixtures import build_dataset
+from helpers import build_dataset, free_port
 
 HERE = Path(__file__).resolve().parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_process_ddp_over_uneven_shards_takes_equal_steps_without_hanging(tmp_path, data_dir):
     # 3 shards of 200, 17 and 5 sequences: per-shard splitting would give the ranks very different counts

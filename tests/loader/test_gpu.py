@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from maskstream.loader.stream import LoaderConfig, MLMLoader
-from loader_fixtures import collect
+from helpers import collect
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@ import torch
 
 from maskstream.loader.storage import SourceError
 from maskstream.loader.stream import LoaderConfig, MLMLoader
-from loader_fixtures import collect
+from helpers import collect
 
 
 class ShardHandler(http.server.BaseHTTPRequestHandler):

@@ -1,8 +1,10 @@
 """`maskstream inspect`: summary, --verify (good and corrupted), --show, and --dump-masks across worker counts."""
 import json
 
+import pytest
+from helpers import TOKENIZER
+
 from maskstream.loader.inspector import main
-from loader_fixtures import TOKENIZER
 
 
 def test_summary_shows_the_manifest(uneven, capsys):
@@ -41,6 +43,7 @@ def test_show_prints_sequences_with_their_masks_marked(uneven, capsys):
     assert "##" not in out.replace("->##", ""), "word pieces are glued back into words"
 
 
+@pytest.mark.slow
 def test_dump_masks_is_identical_for_any_worker_count_and_batch_size(uneven, tmp_path):
     a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
     assert main([str(uneven), "--dump-masks", str(a), "--epoch", "2", "--num-workers", "0"]) == 0

@@ -1,11 +1,11 @@
 """The masking rule on real text: rates, 80/10/10, specials, whole words, spans, determinism."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import sotu_texts
 from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
 
@@ -34,35 +34,23 @@ def _pack(encodings, cls_id, sep_id):
     return torch.from_numpy(tokens), torch.from_numpy(word_starts)
 
 
-def _texts(sotu_file, max_chars=7_000_000):
-    import gzip
-    texts, total = [], 0
-    with gzip.open(sotu_file, "rt") as f:
-        for line in f:
-            texts.append(json.loads(line)["text"])
-            total += len(texts[-1])
-            if total > max_chars:
-                break
-    return texts
-
-
 @pytest.fixture(scope="module")
-def bert_batch(sotu_file, bert_tokenizer_file):
+def bert_batch(bert_tokenizer_file):
     tok = Tokenizer.from_file(str(bert_tokenizer_file))
     tok.no_truncation()
-    encs = tok.encode_batch(_texts(sotu_file), add_special_tokens=False)
+    encs = tok.encode_batch(sotu_texts(max_chars=7_000_000), add_special_tokens=False)
     tokens, ws = _pack(encs, 101, 102)
     vocab = Vocab(size=tok.get_vocab_size(), pad_id=0, mask_id=103, special_ids=(0, 100, 101, 102, 103))
     return tokens, ws, vocab
 
 
 @pytest.fixture(scope="module")
-def bpe_batch(sotu_file, data_dir):
+def bpe_batch(data_dir):
     tok = ByteLevelBPETokenizer(str(data_dir / "tokenizers" / "gpt2-vocab.json"),
                                 str(data_dir / "tokenizers" / "gpt2-merges.txt"))
     tok.add_special_tokens(["<s>", "<pad>", "</s>", "<mask>"])
     specials = tuple(tok.token_to_id(t) for t in ["<s>", "<pad>", "</s>", "<mask>", "<|endoftext|>"])
-    encs = tok.encode_batch(_texts(sotu_file))
+    encs = tok.encode_batch(sotu_texts(max_chars=7_000_000))
     tokens, ws = _pack(encs, tok.token_to_id("<s>"), tok.token_to_id("</s>"))
     vocab = Vocab(size=tok.get_vocab_size(), pad_id=tok.token_to_id("<pad>"), mask_id=tok.token_to_id("<mask>"),
                   special_ids=specials)
@@ -116,6 +104,7 @@ def _assert_whole_words(selected, ws, eligible):
             assert flags.all() or not flags.any(), f"word {int(w)} of row {row} split: {flags.tolist()}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ["token", "word", "span"])
 @pytest.mark.parametrize("count", ["exact", "bernoulli"])
 def test_statistics_on_a_million_wordpiece_tokens(bert_batch, selection, count):
@@ -125,6 +114,7 @@ def test_statistics_on_a_million_wordpiece_tokens(bert_batch, selection, count):
         _assert_whole_words(selected, ws, eligible)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ["word", "span"])
 def test_whole_words_with_byte_level_bpe(bpe_batch, selection):
     tokens, ws, vocab = bpe_batch
@@ -132,6 +122,7 @@ def test_whole_words_with_byte_level_bpe(bpe_batch, selection):
     _assert_whole_words(selected, ws, eligible)
 
 
+@pytest.mark.slow
 def test_exact_count_is_round_p_n_per_sequence(bert_batch):
     tokens, ws, vocab = bert_batch
     tokens, ws = tokens[:2000], ws[:2000]
@@ -164,6 +155,7 @@ def test_span_lengths_are_clipped_geometric():
     _ = vocab, tokens
 
 
+@pytest.mark.slow
 def test_mask_depends_only_on_seed_epoch_uid_not_batch(bert_batch):
     tokens, ws, vocab = bert_batch
     tokens, ws = tokens[:300], ws[:300]
@@ -179,6 +171,7 @@ def test_mask_depends_only_on_seed_epoch_uid_not_batch(bert_batch):
         assert not torch.equal(other_epoch[1], full[1]) and not torch.equal(other_seed[1], full[1])
 
 
+@pytest.mark.slow
 def test_static_copies_are_the_dynamic_masks_of_epochs_0_to_k(bert_batch):
     tokens, ws, vocab = bert_batch
     tokens, ws, uids, lengths = tokens[:64], ws[:64], _uids(64), torch.full((64,), SEQ_LEN)
@@ -210,6 +203,7 @@ def test_bad_config_and_out_of_vocab_ids_are_refused():
                torch.tensor([1]), config=MaskingConfig(), vocab=vocab)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.parametrize("selection", ["token", "word", "span"])
 @pytest.mark.parametrize("count", ["exact", "bernoulli"])
@@ -223,6 +217,7 @@ def test_cpu_and_gpu_masks_are_bit_identical(bert_batch, selection, count):
     assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
 
 
+@pytest.mark.slow
 def test_dense_and_sparse_corruption_paths_agree(bert_batch):
     # the GPU takes the dense path, the CPU the sparse one: they must give the same inputs
     from maskstream.loader.masking import _corrupt

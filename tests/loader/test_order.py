@@ -7,7 +7,7 @@ import torch
 
 from maskstream.loader.order import RecordTable, plan_epoch
 from maskstream.loader.stream import LoaderConfig, MLMLoader
-from loader_fixtures import build_dataset, collect, dataset_uids
+from helpers import build_dataset, collect, dataset_uids
 
 
 def epoch_uids(root, config, world_size, epoch):
@@ -47,9 +47,10 @@ def check_order_invariants(root, config, world_size):
 
 @pytest.mark.parametrize("batch_size,world_size,num_workers,remainder", [
     (16, 1, 0, "drop"),
-    (16, 2, 2, "drop"),
-    (7, 3, 1, "wrap"),
-    (50, 4, 3, "drop"),   # 10 records, 4 ranks x 3 workers: fewer records than readers
+    pytest.param(16, 2, 2, "drop", marks=pytest.mark.slow),       # worker processes: seconds each
+    pytest.param(7, 3, 1, "wrap", marks=pytest.mark.slow),
+    pytest.param(50, 4, 3, "drop", marks=pytest.mark.slow),       # 10 records, 4 ranks x 3 workers:
+                                                                  # fewer records than readers
     (100, 3, 0, "wrap"),
 ])
 def test_order_invariants_hold_for_every_configuration(uneven, batch_size, world_size, num_workers, remainder):
@@ -105,7 +106,7 @@ def test_masks_change_every_epoch_and_keep_labels_consistent(uneven):
 
 def test_static_dataset_uses_stored_copy_epoch_mod_k(tmp_path, data_dir):
     from maskstream.loader import masking
-    from loader_fixtures import VOCAB
+    from helpers import VOCAB
     root = build_dataset(tmp_path / "static", [[40, 24], [30]], static_copies=2, seed=7)
     loader = MLMLoader(root, LoaderConfig(batch_size=8, seed=7))
     epochs = [per_uid_masks(collect(loader)) for _ in range(3)]

@@ -5,7 +5,7 @@ import torch
 
 from maskstream.loader.order import RecordTable, plan_epoch
 from maskstream.loader.stream import LoaderConfig, MLMLoader
-from loader_fixtures import build_dataset, collect
+from helpers import build_dataset, collect
 
 
 def same(a, b):
@@ -13,7 +13,7 @@ def same(a, b):
                                     for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("workers,resume_workers", [(0, 0), (2, 2), (2, 1), (0, 2)])
+@pytest.mark.parametrize("workers,resume_workers", [(0, 0), pytest.param(2, 2, marks=pytest.mark.slow), (2, 1), (0, 2)])
 def test_resume_after_0_1_and_many_batches_gives_the_uninterrupted_batches(uneven, workers, resume_workers):
     cfg = LoaderConfig(batch_size=16, seed=11, num_workers=workers)
     full = MLMLoader(uneven, cfg)

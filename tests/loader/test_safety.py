@@ -7,7 +7,7 @@ import pytest
 from maskstream.loader import format as fmt
 from maskstream.loader.storage import SourceError
 from maskstream.loader.stream import LoaderConfig, MLMLoader
-from loader_fixtures import collect, read_tar, rewrite_shard
+from helpers import collect, read_tar, rewrite_shard
 
 
 class WritesMarker:

@@ -1,12 +1,12 @@
 """Fixtures of the pipeline tests: small real corpora, a trained tokenizer, and one shared SOTU run."""
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
+from helpers import sotu_texts as read_sotu_texts
+from helpers import write_sotu_subset
 
 from maskstream.pipeline import run as pipeline_run
 
@@ -46,17 +46,12 @@ def bert_json(bert_tokenizer_file) -> Path:
 @pytest.fixture(scope="session")
 def sotu_subset(sotu_file, tmp_path_factory) -> Path:
     """The first SOTU_SUBSET_DOCS addresses as plain JSONL."""
-    out = tmp_path_factory.mktemp("sotu") / "sotu-subset.jsonl"
-    with gzip.open(sotu_file, "rt") as f, open(out, "w") as g:
-        for _, line in zip(range(SOTU_SUBSET_DOCS), f):
-            g.write(line)
-    return out
+    return write_sotu_subset(tmp_path_factory.mktemp("sotu") / "sotu-subset.jsonl", SOTU_SUBSET_DOCS)
 
 
 @pytest.fixture(scope="session")
-def sotu_texts(sotu_file) -> list[str]:
-    with gzip.open(sotu_file, "rt") as f:
-        return [json.loads(line)["text"] for line in f]
+def sotu_texts() -> list[str]:
+    return read_sotu_texts()
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ def gpt2(data_dir):
     return convert_gpt2(str(d / "gpt2-vocab.json"), str(d / "gpt2-merges.txt"))
 
 
+@pytest.mark.slow
 def test_bert_on_the_whole_sotu_corpus_gives_the_plain_ids_mostly_through_the_ascii_path(bert, sotu_texts):
     encoder = Encoder(bert)
     assert encoder.ascii is not None and encoder.table is not None
@@ -63,6 +64,7 @@ def test_bert_on_chinese_prose_and_tricky_strings(bert, data_dir):
     assert path.take("[MASK] here") is None and path.take("[Mask] HERE") == " [ mask ]  here"   # only "[MASK]" is special
 
 
+@pytest.mark.slow
 def test_byte_level_bpe_with_and_without_a_normalizer(gpt2, sotu_texts):
     assert_same(Encoder(gpt2), gpt2, sotu_texts[:40] + TRICKY)      # no normalizer: nothing to skip
     nfc = Tokenizer.from_str(gpt2.to_str())

@@ -1,7 +1,6 @@
 """Local execution modes (auto choice, flags) and a real crash: the job SIGKILLed mid-write, then rerun."""
 from __future__ import annotations
 
-import gzip
 import os
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import write_sotu_subset
 
 from maskstream.pipeline import packing, readers
 from maskstream.pipeline import run as pipeline_run
@@ -55,14 +55,11 @@ def test_several_groups_in_one_encode_call_equal_one_call_per_group(bert_json, s
 
 
 @pytest.fixture
-def half_sotu(sotu_file, tmp_path) -> Path:
-    out = tmp_path / "half-sotu.jsonl"
-    with gzip.open(sotu_file, "rt") as f, open(out, "w") as g:
-        for _, line in zip(range(KILL_DOCS), f):
-            g.write(line)
-    return out
+def half_sotu(tmp_path) -> Path:
+    return write_sotu_subset(tmp_path / "half-sotu.jsonl", KILL_DOCS)
 
 
+@pytest.mark.slow
 def test_job_killed_mid_write_then_rerun_leaves_exactly_the_clean_runs_files(half_sotu, bert_json, tmp_path,
                                                                              job, hashes):
     out = tmp_path / "out"
@@ -103,6 +100,7 @@ def test_tokenizer_read_by_path_must_not_change_while_the_job_runs(bert_json, tm
         ref.text()
 
 
+@pytest.mark.slow
 def test_local_runs_on_local_text_files_leave_beams_cloud_clients_and_pyarrow_unloaded(sotu_subset, bert_json, tmp_path, hashes,
                                                                        job):
     base = ["--input", str(sotu_subset), "--tokenizer", str(bert_json)]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import read_sequences
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -42,21 +43,7 @@ def bad_corpus(tmp_path):
     return tmp_path / "in"
 
 
-def read_all(out, index):
-    """Every sequence of a dataset, by uid: (tokens, word starts, length, static selected, static inputs)."""
-    rows = {}
-    for shard in index["shards"]:
-        for sample in wds.WebDataset(str(out / shard["name"]), shardshuffle=False):
-            members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            block = fmt.decode_block(members, seq_len=index["seq_len"], vocab_size=index["tokenizer"]["vocab_size"],
-                                     static_copies=index["masking"]["static_copies"])
-            for i, uid in enumerate(block.uids.tolist()):
-                rows[uid] = (block.tokens[i], block.word_starts[i], int(block.lengths[i]),
-                             None if block.static_selected is None else block.static_selected[i],
-                             None if block.static_inputs is None else block.static_inputs[i])
-    return rows
-
-
+@pytest.mark.slow
 def test_graph_on_test_pipeline_accounts_for_every_document(bad_corpus, bert_json, tmp_path):
     args, beam_args = pipeline_run.parse(["--input", str(bad_corpus / "*"), "--tokenizer", str(bert_json),
                                           "--output", str(tmp_path / "out"), "--num-shards", "2"])
@@ -94,7 +81,7 @@ def test_static_masks_stored_equal_the_loader_rule_for_the_same_epochs(sotu_subs
     index = job([sotu_subset], bert_json, out, *IN_MEMORY, "--masking", "static", "--static-copies", 3,
                     "--whole-word", "--seed", 7, "--num-shards", 2, "--seq-len", 64)
     assert index["masking"]["mode"] == "static" and index["masking"]["config"]["selection"] == "word"
-    rows = read_all(out, index)
+    rows = read_sequences(out, index)
     uids = np.array(sorted(rows), dtype=np.uint64)
     tokens = torch.from_numpy(np.stack([rows[u][0] for u in uids]).astype(np.int64))
     starts = torch.from_numpy(np.stack([rows[u][1] for u in uids]))
@@ -126,6 +113,7 @@ def test_plain_webdataset_and_tar_read_the_shards(sotu_subset, bert_json, tmp_pa
         index["counts"]["tokens"]
 
 
+@pytest.mark.slow
 def test_crashed_run_then_rerun_gives_exactly_the_clean_run(sotu_subset, bert_json, tmp_path, job, hashes):
     out = tmp_path / "out"
     job([sotu_subset], bert_json, out, *IN_MEMORY, "--num-shards", 3)
@@ -170,6 +158,6 @@ def test_cli_trains_a_bpe_tokenizer_then_preprocesses_parquet_with_it(sotu_subse
     index = fmt.read_index((out / "index.json").read_bytes())
     assert index["tokenizer"]["kind"] == "bpe" and index["tokenizer"]["vocab_size"] == 800
     assert index["counts"]["documents_written"] == len(texts) and index["packing"] == "doc"
-    rows = read_all(out, index)
+    rows = read_sequences(out, index)
     assert all(t[0] == index["tokenizer"]["cls_id"] and t[n - 1] == index["tokenizer"]["sep_id"]
                for t, _, n, _, _ in rows.values())

@@ -9,17 +9,12 @@ import time
 
 import apache_beam as beam
 import pytest
+from helpers import free_port
 
 from maskstream.pipeline import run as pipeline_run
 from maskstream.pipeline import transforms
 
 STAGES = ("ReadDocuments", "Clean", "Tokenize", "Pack", "AssignShards", "WriteShards", "WriteIndex")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -42,6 +37,7 @@ def job_service():
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_portable_runner_with_a_local_job_service_writes_the_same_shards(sotu_subset, bert_json, tmp_path,
                                                                           job_service, job, hashes):
     portable = job([sotu_subset], bert_json, tmp_path / "portable", "--runner=PortableRunner",
@@ -53,6 +49,7 @@ def test_portable_runner_with_a_local_job_service_writes_the_same_shards(sotu_su
     assert {k: v for k, v in a.items() if k != "index.json"} == {k: v for k, v in b.items() if k != "index.json"}
 
 
+@pytest.mark.slow
 def test_dataflow_graph_builds_offline_with_dry_run(sotu_subset, bert_json):
     from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
     args, beam_args = pipeline_run.parse([

@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import webdataset as wds
 
 from maskstream.loader import format as fmt
 from maskstream.pipeline import packing
 from maskstream.pipeline.config import data_hash
 from maskstream.pipeline.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.slow     # one run of the whole corpus (sotu_run) is most of it
 
 
 def test_sotu_index_accounts_for_every_document_and_token(sotu_run, sotu_texts):

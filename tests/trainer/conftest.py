@@ -1,23 +1,19 @@
 """Trainer test fixtures: small real SOTU shard folders (BERT WordPiece), written directly with ShardWriter.
 
-The sequences and index come from the loader tests' helpers (tests/loader/loader_fixtures.py); here they are
+The sequences and index come from the shared test helpers (tests/helpers.py); here they are
 split into a training set and a disjoint held-out set, and the tokenizer is copied beside index.json as the
 Beam job does, so fill-mask works on a run.
 """
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TOKENIZER, VOCAB, sotu_sequences, write_index
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loader"))
-
-from loader_fixtures import TOKENIZER, VOCAB, sotu_sequences, write_index  # noqa: E402
-
-from maskstream.loader import format as fmt  # noqa: E402
+from maskstream.loader import format as fmt
 
 TRAIN_SEQUENCES = 256
 HELD_OUT_SEQUENCES = 64

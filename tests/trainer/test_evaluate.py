@@ -18,6 +18,7 @@ def run_dir(sotu_split, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_evaluate_prints_loss_accuracy_perplexity_and_the_unigram_baseline(run_dir, sotu_split, capsys):
     train_dir, held_out = sotu_split
     assert evaluate.main(["--run", str(run_dir), "--data", str(held_out), "--baseline-data", str(train_dir)]) == 0
@@ -37,6 +38,7 @@ def test_unigram_baseline_accuracy_is_the_share_of_the_top_token_among_masked_po
     assert base["accuracy"] == pytest.approx(float((labels == base["token_id"]).float().mean()))
 
 
+@pytest.mark.slow
 def test_fill_mask_prints_top_k_words_for_each_mask(run_dir, capsys):
     assert evaluate.fill_mask_main(["--run", str(run_dir), "--top-k", "3", "the [MASK] of the [MASK]"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -46,6 +48,7 @@ def test_fill_mask_prints_top_k_words_for_each_mask(run_dir, capsys):
     assert "[CLS]" not in out[1] and "[PAD]" not in out[1]  # special tokens are never predicted
 
 
+@pytest.mark.slow
 def test_fill_mask_without_a_mask_says_how_to_write_one(run_dir):
     with pytest.raises(ValueError, match="write \\[MASK\\]"):
         evaluate.fill_mask_main(["--run", str(run_dir), "no mask here"])

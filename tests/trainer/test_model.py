@@ -17,6 +17,7 @@ def test_logits_have_batch_length_vocab_shape():
     assert logits.shape == (3, 16, 97) and loss is None
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_outputs_at_real_positions():
     model = tiny()
     real = torch.randint(5, 97, (1, 10))
@@ -54,6 +55,7 @@ def test_output_embeddings_are_tied_to_input_embeddings():
     assert model.tok_emb.weight.grad[9].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_base_preset_is_bert_base_size():
     model = MLMEncoder(preset("base", vocab_size=30522, max_len=512))
     assert 105e6 < model.num_params() < 115e6  # BERT-base: 110M
@@ -72,6 +74,7 @@ def test_longer_sequence_than_max_len_is_refused():
         tiny()(torch.zeros(1, 33, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_flops_per_token_is_about_six_times_the_parameters():
     cfg = preset("base", vocab_size=30522, max_len=128)
     n = MLMEncoder(cfg).num_params(non_embedding=True)

@@ -23,6 +23,7 @@ def metrics(out) -> list[dict]:
     return run_folder.read_metrics(Path(out))
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_real_text(sotu_split, tmp_path):
     train_dir, held_out = sotu_split
     out = tmp_path / "run"
@@ -41,6 +42,7 @@ def test_loss_decreases_on_real_text(sotu_split, tmp_path):
     assert config["train"]["model_size"] == "tiny" and config["model"]["vocab_size"] == 30522
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_restores_model_and_fixed_mask_evaluation(sotu_split, tmp_path):
     train_dir, held_out = sotu_split
     out = tmp_path / "run"
@@ -60,6 +62,7 @@ def test_checkpoint_round_trip_restores_model_and_fixed_mask_evaluation(sotu_spl
     assert a == b  # the evaluation mask is fixed
 
 
+@pytest.mark.slow
 def test_resume_continues_with_exactly_the_same_losses(sotu_split, tmp_path):
     train_dir, _ = sotu_split
     # dropout on, so restoring the RNG state matters; batch 48 gives 5 batches per epoch, so the 8 steps
@@ -79,6 +82,7 @@ def test_resume_continues_with_exactly_the_same_losses(sotu_split, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_new_run_refuses_a_folder_with_checkpoints_unless_resumed(sotu_split, tmp_path):
     train_dir, _ = sotu_split
     assert main(flags(train_dir, tmp_path / "run", "--max-steps", "1")) == 0
@@ -92,6 +96,7 @@ def test_masking_flag_must_match_the_dataset(sotu_split, tmp_path):
         main(flags(train_dir, tmp_path / "run", "--max-steps", "1", "--masking", "static"))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_with_gloo_trains_and_keeps_replicas_identical(sotu_split, tmp_path):
     train_dir, _ = sotu_split
     out = tmp_path / "ddp"

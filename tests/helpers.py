@@ -1,8 +1,10 @@
-"""Tiny real datasets for the loader tests: SOTU text, tokenized with BERT's WordPiece, written as real shards.
+"""Helpers shared by every test folder: the bundled data, SOTU readers, free ports, and tiny real datasets.
 
-Built with loader.format.ShardWriter + write_index directly (not through Beam), so loader tests stay fast and
-independent of the pipeline. `build_dataset(dir, [[64, 64, 30], [17]])` writes two shards with records of those
-sequence counts: uneven shards on demand.
+Imported as `helpers` (pytest's `pythonpath = ["tests"]`, see pyproject.toml). The datasets are SOTU text
+tokenized with BERT's WordPiece and written with loader.format.ShardWriter + write_index directly (not through
+Beam), so loader and trainer tests stay fast and independent of the pipeline.
+`build_dataset(dir, [[64, 64, 30], [17]])` writes two shards with records of those sequence counts: uneven
+shards on demand.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import gzip
 import hashlib
 import io
 import json
-import os
+import socket
 import tarfile
 from pathlib import Path
 
@@ -21,11 +23,47 @@ import torch
 from maskstream.loader import format as fmt
 from maskstream.loader import masking
 
-DATA = Path(__file__).resolve().parents[2] / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"      # see data/README.md for each file's source and license
 TOKENIZER = DATA / "tokenizers" / "bert-base-uncased.json"
+SOTU = DATA / "sotu.jsonl.gz"
 SEQ_LEN = 128
 VOCAB = masking.Vocab(size=30522, pad_id=0, mask_id=103, special_ids=(0, 100, 101, 102, 103))
 CLS, SEP = 101, 102
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sotu_lines(n: int | None = None):
+    """The first n JSONL lines of the SOTU corpus (all of them without n), newline included."""
+    with gzip.open(SOTU, "rt") as f:
+        for i, line in enumerate(f):
+            if n is not None and i == n:
+                return
+            yield line
+
+
+def write_sotu_subset(path, n: int) -> Path:
+    """The first n SOTU addresses as plain JSONL at path; returns it."""
+    path = Path(path)
+    path.write_text("".join(sotu_lines(n)))
+    return path
+
+
+def sotu_texts(max_chars: int | None = None) -> list[str]:
+    """The SOTU addresses' texts, in order; with max_chars, stop after the first text that passes it."""
+    texts, total = [], 0
+    for line in sotu_lines():
+        texts.append(json.loads(line)["text"])
+        total += len(texts[-1])
+        if max_chars is not None and total > max_chars:
+            break
+    return texts
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,14 +75,13 @@ def sotu_sequences(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(TOKENIZER))
     ids, starts = [], []
-    with gzip.open(DATA / "sotu.jsonl.gz", "rt") as f:
-        for line in f:
-            enc = tok.encode(json.loads(line)["text"], add_special_tokens=False)
-            words = enc.word_ids
-            ids += enc.ids
-            starts += [w is not None and (i == 0 or words[i - 1] != w) for i, w in enumerate(words)]
-            if len(ids) >= n * (SEQ_LEN - 2):
-                break
+    for line in sotu_lines():
+        enc = tok.encode(json.loads(line)["text"], add_special_tokens=False)
+        words = enc.word_ids
+        ids += enc.ids
+        starts += [w is not None and (i == 0 or words[i - 1] != w) for i, w in enumerate(words)]
+        if len(ids) >= n * (SEQ_LEN - 2):
+            break
     body = SEQ_LEN - 2
     tokens = np.zeros((n, SEQ_LEN), np.int64)
     word_starts = np.zeros((n, SEQ_LEN), bool)
@@ -144,3 +181,22 @@ def dataset_uids(root) -> list[int]:
     index = json.loads((Path(root) / fmt.INDEX_FILE).read_text())
     return [int(u) for e in index["shards"] for name, data in read_tar(Path(root) / e["name"])
             if name.endswith(".uids.npy") for u in np.load(io.BytesIO(data)).view(np.int64)]
+
+
+def read_sequences(root, index: dict | None = None) -> dict:
+    """Every sequence of a dataset, by uid, decoded with the reader's own format module:
+    uid -> (tokens int64, word starts, length, static selected or None, static inputs or None)."""
+    import webdataset as wds
+    root = Path(root)
+    index = index or fmt.read_index((root / fmt.INDEX_FILE).read_bytes())
+    rows = {}
+    for shard in index["shards"]:
+        for sample in wds.WebDataset(str(root / shard["name"]), shardshuffle=False):
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            block = fmt.decode_block(members, seq_len=index["seq_len"], vocab_size=index["tokenizer"]["vocab_size"],
+                                     static_copies=index["masking"]["static_copies"])
+            for i, uid in enumerate(block.uids.tolist()):
+                rows[uid] = (block.tokens[i].astype(np.int64), block.word_starts[i], int(block.lengths[i]),
+                             None if block.static_selected is None else block.static_selected[i],
+                             None if block.static_inputs is None else block.static_inputs[i])
+    return rows
