@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The torch pin (`torch==X.Y.Z`), read from pyproject.toml: the one place pins live.
 TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
 
-.PHONY: install bytecode demo test test-fast bench bench-env clean
+.PHONY: install bytecode demo lint test test-fast bench bench-env clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 # PYTHONDONTWRITEBYTECODE is set (as on our machines). Stale files are recompiled.
 bytecode: install
 	$(BIN)/python -m compileall -q maskstream pipeline loader trainer bench
+
+lint: install
+	$(BIN)/ruff check .
 
 demo: bytecode
 	$(BIN)/maskstream demo
