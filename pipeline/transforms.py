@@ -295,13 +295,18 @@ class _Gather(beam.CombineFn):
 
 
 def _finish(gathered, *, config: dict, info, inputs, tokenizer: TokenizerRef) -> dict:
-    """Write rejects.jsonl and the tokenizer, check that every document is accounted for, then index.json."""
+    """Write rejects.jsonl and the tokenizer, check that every document is accounted for, then index.json.
+
+    NOTE: when no document was written there is no index.json: a 0-sequence folder must not look like a
+    dataset; the runner reports the rejects instead (run.no_documents_written)."""
     output = config["shard"]["output"]
     by_reason = shards.write_rejects(output, gathered["reject"])
     shards.write_tokenizer(output, tokenizer.text())
     stats = dict(gathered["stats"])
     index = shards.build_index(entries=gathered["entry"], stats=stats, documents_read=stats.pop("documents_read", 0),
                                rejects_by_reason=by_reason, config=config, info=info, inputs=inputs)
+    if index["counts"].get("documents_written", 0) == 0:
+        return index
     shards.write_index(output, index)
     return index
 

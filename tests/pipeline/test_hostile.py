@@ -1,10 +1,11 @@
-"""No document can stop the job: hostile lines become rejects with a reason and a position."""
+"""No document can stop the job: hostile lines become rejects with a reason and a position; all-rejected is exit 2."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 
+from maskstream import cli
 from maskstream.pipeline import readers, transforms
 
 IN_MEMORY = ("--direct_running_mode", "in_memory")
@@ -55,6 +56,18 @@ def test_a_document_the_tokenizer_raises_on_is_a_tokenize_error_and_its_group_st
     assert [(t.position, len(t.ids)) for t in tokdocs] == [(0, 4), (2, 9)]
     assert [(r.position, r.reason, r.detail) for r in rejects] == [(1, "tokenize_error", "ValueError: cannot encode boom")]
     assert [t.source for t in other] == ["g"] and none == []
+
+
+def test_all_rejected_input_ends_in_one_line_and_exit_2_without_an_index(tmp_path, bert_json, capsys):
+    (tmp_path / "in.jsonl").write_bytes(DEEP + b"\n" + b'{"title": "no text"}\n')
+    out = tmp_path / "out"
+    rc = cli.main(["preprocess", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(bert_json),
+                   "--output", str(out), "--quiet", *IN_MEMORY])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().count("\n") == 0, err
+    assert "all 2 rejected (missing_field 1, unparseable 1)" in err and str(out / "rejects" / "rejects.jsonl") in err
+    assert not (out / "index.json").exists() and len(read_rejects(out)) == 2
 
 
 def test_a_corrupt_gzip_is_one_unreadable_reject_and_the_other_files_are_written(tmp_path, bert_json, job):
