@@ -22,7 +22,11 @@ MISSING_FIELD = "missing_field"
 NON_STRING_FIELD = "non_string_field"
 EMPTY = "empty"
 NO_TOKENS = "no_tokens"             # set by Tokenize: text that normalizes to nothing
-REASONS = (INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, NON_STRING_FIELD, EMPTY, NO_TOKENS)
+UNPARSEABLE = "unparseable"         # any other exception while cleaning one record (e.g. RecursionError)
+TOKENIZE_ERROR = "tokenize_error"   # set by Tokenize: the tokenizer raised on this document
+UNREADABLE = "unreadable"           # the file could not be read past this position (e.g. a truncated .gz)
+REASONS = (INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, NON_STRING_FIELD, EMPTY, NO_TOKENS,
+           UNPARSEABLE, TOKENIZE_ERROR, UNREADABLE)
 
 
 class Raw(NamedTuple):
@@ -153,10 +157,18 @@ TEXT_READERS = {"line": _read_lines, "paragraph": _read_paragraphs}
 
 
 def iter_raw_records(path: str, source) -> Iterator[Raw]:
+    """The file's records; when reading fails part way, a last record of format UNREADABLE carries the error
+    (Clean makes it a reject), so what was read is kept and the failure is counted, not a crash."""
     fmt = detect_format(path)
     reader = TEXT_READERS[source.text_mode] if fmt == "text" else READERS[fmt]
-    for position, group, data in _grouped(reader(path, source), source.group_bytes):
-        yield Raw(path, position, group, fmt, data)
+    position, group = -1, 0
+    try:
+        for position, group, data in _grouped(reader(path, source), source.group_bytes):
+            yield Raw(path, position, group, fmt, data)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a damaged file is one reject, not the end of the job
+        yield Raw(path, position + 1, group, UNREADABLE, f"the rest of the file was not read: {error_detail(e)}")
 
 
 def iter_raw_groups(path: str, source) -> Iterator[list[Raw]]:
@@ -192,6 +204,8 @@ def clean_record(raw: Raw, source) -> list[Doc] | Reject:
     def reject(reason, detail):
         return Reject(raw.source, raw.position, reason, detail)
 
+    if raw.fmt == UNREADABLE:
+        return reject(UNREADABLE, raw.data)
     if raw.fmt == "parquet":
         text = raw.data
         if text is None:
@@ -221,11 +235,22 @@ def clean_record(raw: Raw, source) -> list[Doc] | Reject:
             for i, part in enumerate(split_text(text, source.max_doc_chars))]
 
 
+def error_detail(e: BaseException) -> str:
+    """An exception as a short, deterministic reject detail: its type and the start of its message."""
+    return f"{type(e).__name__}: {str(e)[:120]}"
+
+
 def clean_group(raws: list[Raw], source) -> tuple[list[Doc], list[Reject]]:
-    """clean_record over a pack group: its documents (parts in order) and its rejects."""
+    """clean_record over a pack group: its documents (parts in order) and its rejects.
+
+    No record can stop the job: an exception cleaning one (a 100k-deep nested JSON line raises RecursionError)
+    makes it an UNPARSEABLE reject at its position."""
     docs, rejects = [], []
     for raw in raws:
-        out = clean_record(raw, source)
+        try:
+            out = clean_record(raw, source)
+        except Exception as e:  # noqa: BLE001 -- one record's failure is that record's reject
+            out = Reject(raw.source, raw.position, UNPARSEABLE, error_detail(e))
         if isinstance(out, Reject):
             rejects.append(out)
         else:

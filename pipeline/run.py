@@ -189,6 +189,23 @@ def summary(index: dict, seconds: float) -> str:
     ])
 
 
+def no_documents_written(output: str) -> UserError:
+    """The error of a run that wrote no document (and so no index.json): how many were rejected, why, where."""
+    import collections
+
+    from maskstream.pipeline import shards
+    from maskstream.pipeline.readers import REASONS, Reject
+    from maskstream.pipeline.tokenizer import read_bytes
+    path = shards.join(output, shards.REJECTS_DIR, shards.REJECTS_FILE)
+    rejects = [Reject(**json.loads(line)) for line in read_bytes(path).decode().splitlines() if line]
+    if not rejects:
+        return UserError("no document was read: the inputs hold no records; check --input (and --text-mode)")
+    counts = collections.Counter(r.reason for r in rejects)
+    by_reason = ", ".join(f"{reason} {counts[reason]:,}" for reason in REASONS if counts[reason])
+    return UserError(f"no document was written: all {len(rejects):,} rejected ({by_reason}); no index.json was "
+                     f"written. See {path} for each reject's file, line (or Parquet row) and reason; check --input and --text-field")
+
+
 def run(argv=None) -> dict:
     """Run the job; returns the index.json dict it wrote."""
     import apache_beam as beam
@@ -225,7 +242,11 @@ def run(argv=None) -> dict:
         print("graph built and checked; nothing was run (--dry_run / --template_location)", file=sys.stderr)
         return {}
     from maskstream.loader.format import INDEX_FILE, read_index
+    from apache_beam.io.filesystems import FileSystems
+
     from maskstream.pipeline.tokenizer import read_bytes
+    if not FileSystems.exists(shards.join(config.shard.output, INDEX_FILE)):    # see transforms._finish
+        raise no_documents_written(config.shard.output)
     index = read_index(read_bytes(shards.join(config.shard.output, INDEX_FILE)))
     if not args.quiet:
         print(summary(index, time.perf_counter() - start), file=sys.stderr, flush=True)

@@ -104,7 +104,7 @@ class _Tokenize(beam.DoFn):
     process is one core."""
     def __init__(self, tokenizer: TokenizerRef, *, threads: bool = False, batch_chars: int = 2 << 20):
         self.tokenizer, self.threads, self.batch_chars = tokenizer, threads, batch_chars
-        self.no_tokens = Metrics.counter(NS, f"rejected_{readers.NO_TOKENS}")
+        self.rejected = {r: Metrics.counter(NS, f"rejected_{r}") for r in (readers.NO_TOKENS, readers.TOKENIZE_ERROR)}
 
     def setup(self):
         # NOTE: in worker processes Rust threads would fight over the cores the other workers use.
@@ -145,13 +145,37 @@ class _Tokenize(beam.DoFn):
             self.progress.add(done)
             for (key, _), (tokdocs, rejects) in zip(buffer, results):
                 for r in rejects:
-                    self.no_tokens.inc()
+                    self.rejected[r.reason].inc()
                     yield beam.pvalue.TaggedOutput(REJECTS, wrap(r))
                 if tokdocs:
                     yield wrap((key, tokdocs))
 
     def _encode(self, buffer, done):
-        return buffer, packing.tokenize_groups(self.encoder, [docs for _, docs in buffer]), done
+        return buffer, tokenize_or_reject(self.encoder, [docs for _, docs in buffer]), done
+
+
+def tokenize_or_reject(encoder, groups):
+    """packing.tokenize_groups, where a document the tokenizer raises on becomes a TOKENIZE_ERROR reject (all
+    its parts) instead of stopping the job; the others are tokenized as usual. The batch is retried per
+    document only after it fails, so the common path stays one encode call."""
+    try:
+        return packing.tokenize_groups(encoder, groups)
+    except Exception:  # noqa: BLE001 -- found and rejected document by document below
+        return [_tokenize_group_or_reject(encoder, docs) for docs in groups]
+
+
+def _tokenize_group_or_reject(encoder, docs):
+    bad = {}
+    for d in docs:
+        if (d.source, d.position) not in bad:
+            try:
+                encoder.encode([d.text])
+            except Exception as e:  # noqa: BLE001 -- this document's failure is its reject
+                bad[d.source, d.position] = readers.Reject(d.source, d.position, readers.TOKENIZE_ERROR,
+                                                           readers.error_detail(e))
+    ok = [d for d in docs if (d.source, d.position) not in bad]
+    tokdocs, rejects = packing.tokenize_groups(encoder, [ok])[0] if ok else ([], [])
+    return tokdocs, rejects + list(bad.values())
 
 
 def _done(value) -> Future:
@@ -271,13 +295,18 @@ class _Gather(beam.CombineFn):
 
 
 def _finish(gathered, *, config: dict, info, inputs, tokenizer: TokenizerRef) -> dict:
-    """Write rejects.jsonl and the tokenizer, check that every document is accounted for, then index.json."""
+    """Write rejects.jsonl and the tokenizer, check that every document is accounted for, then index.json.
+
+    NOTE: when no document was written there is no index.json: a 0-sequence folder must not look like a
+    dataset; the runner reports the rejects instead (run.no_documents_written)."""
     output = config["shard"]["output"]
     by_reason = shards.write_rejects(output, gathered["reject"])
     shards.write_tokenizer(output, tokenizer.text())
     stats = dict(gathered["stats"])
     index = shards.build_index(entries=gathered["entry"], stats=stats, documents_read=stats.pop("documents_read", 0),
                                rejects_by_reason=by_reason, config=config, info=info, inputs=inputs)
+    if index["counts"].get("documents_written", 0) == 0:
+        return index
     shards.write_index(output, index)
     return index
 
