@@ -17,6 +17,8 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import socket
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -147,8 +149,7 @@ class HTTPSource:
         if conn.sock is not None:  # a kept-alive socket still has the last body read's shortened timeout
             conn.sock.settimeout(self.io.timeout_s)
         conn.request("GET", path, headers=headers)
-        conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        resp = conn.getresponse()
+        resp = _headers_by(conn, deadline)
         if resp.status >= 500:
             raise _Retry(f"HTTP {resp.status} {resp.reason}")
         if resp.status == 404:
@@ -191,6 +192,34 @@ class _Retry(Exception):
     """An answer worth asking again for: a 5xx, or a body or range other than the one asked for."""
 
 
+def _headers_by(conn, deadline: float):
+    """conn.getresponse(), its status line and headers read by `deadline` (monotonic), else TimeoutError.
+
+    NOTE: http.client reads headers a line at a time, each recv with a fresh socket timeout, so a server
+    trickling them is stopped by a timer that shuts the socket down at the deadline (the blocked recv returns).
+    """
+    sock = conn.sock
+    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+    timer = threading.Timer(max(deadline - time.monotonic(), 0.0), _shutdown, (sock,))
+    timer.start()
+    try:
+        resp = conn.getresponse()
+    except (OSError, http.client.HTTPException) as e:
+        if time.monotonic() >= deadline:
+            raise TimeoutError("timed out: the status line and headers did not all come within timeout_s") from e
+        raise
+    finally:
+        timer.cancel()
+    return resp
+
+
+def _shutdown(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
 def _read_body(conn, resp, limit: int, deadline: float) -> bytes:
     """Up to `limit` bytes of the body, in chunks, raising TimeoutError once `deadline` (monotonic) passes.
 
@@ -201,7 +230,7 @@ def _read_body(conn, resp, limit: int, deadline: float) -> bytes:
     while got < limit:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"the body was not complete within the deadline ({got} bytes read)")
+            raise TimeoutError(f"timed out: the body did not all come within timeout_s ({got} bytes read)")
         if conn.sock is not None:
             conn.sock.settimeout(left)
         chunk = resp.read1(min(1 << 20, limit - got))

@@ -74,6 +74,15 @@ def _trickle(handler, data):
         time.sleep(0.2)
 
 
+def _trickle_headers(handler, data):
+    """The status line and headers one byte every 0.2 s, without end."""
+    head = b"HTTP/1.1 206 Partial Content\r\n" + b"X-Slow: " + b"a" * 10_000 + b"\r\n"
+    for i in range(len(head)):
+        handler.wfile.write(head[i:i + 1])
+        handler.wfile.flush()
+        time.sleep(0.2)
+
+
 def _wrong_range(handler, data):
     """206 with the bytes 512 after the ones asked for, and a Content-Range that says so."""
     first, last, _ = _ranged(handler, data)
@@ -131,8 +140,9 @@ def _flood(handler, length):
         handler.wfile.write(block)
 
 
-MISBEHAVIOURS = {"trickle": _trickle, "wrong-range": _wrong_range, "short": _short, "cut": _cut,
-                 "whole": _whole, "huge": lambda h, _: _flood(h, 10 * 10**9), "endless": lambda h, _: _flood(h, None)}
+MISBEHAVIOURS = {"trickle": _trickle, "trickle-headers": _trickle_headers, "wrong-range": _wrong_range,
+                 "short": _short, "cut": _cut, "whole": _whole,
+                 "huge": lambda h, _: _flood(h, 10 * 10**9), "endless": lambda h, _: _flood(h, None)}
 
 
 @pytest.fixture
@@ -182,6 +192,7 @@ def test_a_failing_server_fails_within_a_bounded_time_with_a_clear_error(server,
 
 @pytest.mark.parametrize("mode,message", [
     ("trickle", "failed 2 times \\(timeout 1.0s each\\).*TimeoutError"),
+    ("trickle-headers", "failed 2 times \\(timeout 1.0s each\\).*TimeoutError"),
     ("wrong-range", "failed 2 times .*Content-Range 'bytes \\d+-\\d+/\\d+' for the range bytes="),
     ("short", "failed 2 times .*Content-Length \\d+ for a range of \\d+ bytes"),
     ("cut", "failed 2 times .*the body has \\d+ bytes, the range \\d+"),
