@@ -270,13 +270,18 @@ class FsspecSource:
             raise SourceError(f"{root}: fsspec cannot open this protocol ({e}); install gcsfs for gs:// or "
                               f"s3fs for s3://") from None
         self._sizes: dict[str, int] = {}
+        self._max_index_bytes = io.max_index_bytes
 
     def read_index(self) -> bytes:
+        url, cap = f"{self.root}/{INDEX_FILE}", self._max_index_bytes
         try:
-            return self._fs.cat_file(f"{self.root}/{INDEX_FILE}")
+            size = self._fs.size(url)
+            if size is not None and size > cap:
+                raise SourceError(f"{url}: index.json is {size} bytes, over the {cap}-byte cap "
+                                  f"(IOConfig.max_index_bytes); the URL is wrong, or raise the cap")
+            return self._fs.cat_file(url)
         except FileNotFoundError:
-            raise DatasetNotFound(f"{self.root}/{INDEX_FILE} not found: the dataset is incomplete or the URL is "
-                              f"wrong") from None
+            raise DatasetNotFound(f"{url} not found: the dataset is incomplete or the URL is wrong") from None
 
     def read_range(self, name: str, offset: int, end: int, size: int) -> bytes:
         url = f"{self.root}/{check_shard_name(name)}"

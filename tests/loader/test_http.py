@@ -264,3 +264,15 @@ def test_fsspec_urls_read_by_byte_range_give_the_same_batches(uneven):
             collect(MLMLoader("memory://fsspec-test", cfg))
     finally:
         fs.rm("/fsspec-test", recursive=True)
+
+
+def test_an_oversized_index_over_fsspec_is_refused_from_its_size(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/fsspec-big/index.json", b" " * (2 * 2**20 + 1))
+    try:
+        with pytest.raises(SourceError, match="memory://fsspec-big/index.json: index.json is 2097153 bytes, "
+                                              "over the 2097152-byte cap"):
+            open_source("memory://fsspec-big", IOConfig(max_index_bytes=2 * 2**20)).read_index()
+    finally:
+        fs.rm("/fsspec-big", recursive=True)
