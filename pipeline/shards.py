@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from maskstream.loader import format as fmt
+from maskstream.loader.atomic import atomic_write
 from maskstream.pipeline.packing import SeqBatch, shard_order
 from maskstream.pipeline.readers import REASONS
 
@@ -35,12 +36,7 @@ def _write_atomic(path: str, data: bytes) -> None:
     """Write bytes under a temporary name, then rename into place (any Beam filesystem)."""
     temp = path + fmt.PARTIAL_SUFFIX
     if is_local(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+        atomic_write(path, data, temp=temp)
         return
     from apache_beam.io.filesystems import FileSystems
     with FileSystems.create(temp) as f:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from maskstream.loader.atomic import atomic_write, atomic_write_with
+
 if TYPE_CHECKING:
     from maskstream.trainer.train import Run
 
@@ -57,9 +59,7 @@ def _gather(obj, world: int) -> list:
 
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary name in the same folder, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 def save(run: "Run") -> Path | None:
@@ -126,9 +126,7 @@ def run_config(run: "Run") -> dict:
 def write_run_config(run: "Run") -> None:
     """RUN/config.json and RUN/tokenizer.json (copied from the dataset folder when it has one)."""
     out = Path(run.cfg.out)
-    tmp = out / ".config.json.tmp"
-    tmp.write_text(json.dumps(run_config(run), indent=2))
-    os.replace(tmp, out / "config.json")
+    atomic_write(out / "config.json", json.dumps(run_config(run), indent=2))
     src = Path(run.cfg.tokenizer) if run.cfg.tokenizer else tokenizer_source(run.cfg.data, run.loader.index)
     if src is None:
         print(f"note: {run.cfg.data} has no tokenizer.json; pass --tokenizer FILE so fill-mask can use this run",
@@ -156,9 +154,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(out: Path) -> list[dict]:
