@@ -176,9 +176,4 @@ def load_index(source) -> tuple[dict, str]:
     return index, hashlib.sha256(data).hexdigest()
 
 
-def vocab_of(index: dict) -> masking.Vocab:
-    t = index["tokenizer"]
-    return masking.Vocab(size=t["vocab_size"], pad_id=t["pad_id"], mask_id=t["mask_id"],
-                         special_ids=tuple(t["special_ids"]))
-
 

@@ -20,7 +20,7 @@ import torch
 from maskstream.loader import masking as masking_rule
 from maskstream.loader.order import REMAINDERS, RecordTable, batches_per_rank, remainder_counts
 from maskstream.loader.storage import IOConfig, SourceError, open_source
-from maskstream.loader.stages import EpochStream, finish, load_index, static_copies, vocab_of
+from maskstream.loader.stages import EpochStream, finish, load_index, static_copies
 
 STATE_VERSION = 1
 MASK_ON = ("device", "worker")
@@ -62,7 +62,7 @@ class MLMLoader:
         self.source = open_source(self.root, IOConfig(timeout_s=config.timeout_s, retries=config.retries))
         self.index, self.fingerprint = load_index(self.source)
         self.table = RecordTable.from_index(self.index)
-        self.vocab = vocab_of(self.index)
+        self.vocab = masking_rule.Vocab.from_index(self.index)
         self.seq_len = int(self.index["seq_len"])
         self.static_copies = static_copies(self.index)
         stored = masking_rule.MaskingConfig.from_dict(self.index["masking"]["config"])

@@ -46,8 +46,7 @@ class TokenizerInfo:
     def vocab(self):
         """loader.maskconfig.Vocab, the facts the masking rule needs."""
         from maskstream.loader.maskconfig import Vocab
-        return Vocab(size=self.vocab_size, pad_id=self.pad_id, mask_id=self.mask_id,
-                     special_ids=self.special_ids)
+        return Vocab.from_index({"tokenizer": self.to_index()})  # the same rule the loader reads index.json by
 
     def to_index(self) -> dict:
         """The index.json "tokenizer" entry."""
