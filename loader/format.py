@@ -241,6 +241,26 @@ def remove_partials(directory: str) -> list[str]:
 
 # ---- index.json -------------------------------------------------------------------------------------------
 
+def make_index(*, entries: list[dict], seq_len: int, packing: str, tokenizer: dict, masking_config: dict,
+               masking_mode: str = "dynamic", static_copies: int = 0, masking_seed: int = 0,
+               counts: dict | None = None, config: dict | None = None, inputs: list | None = None,
+               **extra) -> dict:
+    """The one builder of an index.json dict (writer, benchmarks and test fixtures all call it).
+
+    `entries` are ShardWriter.close() results (sorted by name here); `counts` defaults to the sequences and
+    tokens the entries hold, and what is given overrides those.
+    """
+    entries = sorted(entries, key=lambda e: e["name"])
+    derived = {"sequences": sum(e["sequences"] for e in entries), "tokens": sum(e["tokens"] for e in entries)}
+    return {
+        "format_version": FORMAT_VERSION, "shards": entries, "counts": {**derived, **(counts or {})},
+        "seq_len": seq_len, "packing": packing, "tokenizer": tokenizer,
+        "masking": {"mode": masking_mode, "static_copies": static_copies, "seed": masking_seed,
+                    "config": masking_config},
+        "config": config or {}, "inputs": list(inputs or []), **extra,
+    }
+
+
 def dump_index(index: dict) -> bytes:
     """Canonical bytes of index.json (sorted keys, so a rerun gives the same bytes)."""
     return (json.dumps(index, indent=1, sort_keys=True) + "\n").encode()

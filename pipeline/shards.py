@@ -144,14 +144,12 @@ def build_index(*, entries, stats: dict, documents_read: int, rejects_by_reason:
                   rejects_by_reason=rejects_by_reason, sequences=sequences,
                   tokens=sum(e["tokens"] for e in entries), shards=len(entries),
                   empty_shards=config["shard"]["num_shards"] - len(entries))
-    return {
-        "format_version": fmt.FORMAT_VERSION, "shards": entries, "counts": counts,
-        "seq_len": config["pack"]["seq_len"], "packing": config["pack"]["packing"], "tokenizer": {**info.to_index(), "file": TOKENIZER_FILE},
-        "masking": {"mode": config["shard"]["masking"], "static_copies": config["shard"]["static_copies"],
-                    "seed": config["shard"]["seed"], "config": config["masking"]},
-        "config": config, "inputs": [{"path": p, "bytes": n} for p, n in inputs],
-        "rejects": f"{REJECTS_DIR}/{REJECTS_FILE}",
-    }
+    return fmt.make_index(
+        entries=entries, counts=counts, seq_len=config["pack"]["seq_len"], packing=config["pack"]["packing"],
+        tokenizer={**info.to_index(), "file": TOKENIZER_FILE}, masking_mode=config["shard"]["masking"],
+        static_copies=config["shard"]["static_copies"], masking_seed=config["shard"]["seed"],
+        masking_config=config["masking"], config=config, inputs=[{"path": p, "bytes": n} for p, n in inputs],
+        rejects=f"{REJECTS_DIR}/{REJECTS_FILE}")
 
 
 def write_tokenizer(output: str, tokenizer_json: str) -> None:
