@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from maskstream.pipeline import packing, readers
+from maskstream.pipeline import local_runner, packing, readers
 from maskstream.pipeline import run as pipeline_run
 from maskstream.pipeline.encoder import Encoder
 from maskstream.pipeline.tokenizer import TokenizerRef, load_tokenizer
@@ -29,8 +29,44 @@ def test_auto_mode_is_one_process_on_few_cores_or_small_inputs():
 
 def test_local_runner_samples_state_often_so_bundles_end_without_a_200_ms_wait():
     from apache_beam.runners.worker import statesampler
-    pipeline_run.pipeline_options([], local_mode="in_memory")
-    assert statesampler.StateSampler("s", None).sampling_period_ms == pipeline_run.LOCAL_SAMPLING_MS
+    before = statesampler.StateSampler.__init__.__defaults__
+    with local_runner.fast_state_sampler() as patched:
+        assert patched
+        assert statesampler.StateSampler("s", None).sampling_period_ms == local_runner.LOCAL_SAMPLING_MS
+    assert statesampler.StateSampler.__init__.__defaults__ == before          # undone when the job ends
+
+
+def test_state_sampler_fence_warns_and_falls_back_when_the_signature_differs():
+    class Renamed:                       # a Beam whose constructor calls the parameter something else
+        def __init__(self, prefix, counter_factory, period_ms=200):
+            self.period_ms = period_ms
+    with pytest.warns(RuntimeWarning, match="sampling_period_ms"):
+        with local_runner.fast_state_sampler(sampler_class=Renamed) as patched:
+            assert not patched and Renamed("s", None).period_ms == 200
+    assert Renamed.__init__.__defaults__ == (200,)
+
+
+def test_state_sampler_fence_patches_by_name_not_position():
+    class Reordered:
+        def __init__(self, prefix, counter_factory, sampling_period_ms=200, other=5):
+            self.values = (sampling_period_ms, other)
+    with local_runner.fast_state_sampler(sampler_class=Reordered):
+        assert Reordered("s", None).values == (local_runner.LOCAL_SAMPLING_MS, 5)
+    assert Reordered("s", None).values == (200, 5)
+
+
+def test_hidden_packages_and_quiet_logging_are_undone_after_the_block():
+    import logging
+    import sys
+    finders, disabled = list(sys.meta_path), logging.root.manager.disable
+    with pytest.raises(RuntimeError):
+        with local_runner.hidden_packages(("maskstream_no_such_pkg",)), local_runner.logging_disabled():
+            assert isinstance(sys.meta_path[0], local_runner.HidePackages)
+            with pytest.raises(ModuleNotFoundError):
+                import maskstream_no_such_pkg  # noqa: F401
+            assert logging.root.manager.disable == logging.WARNING
+            raise RuntimeError("the job failed")
+    assert sys.meta_path == finders and logging.root.manager.disable == disabled
 
 
 def test_local_mode_contradicting_beams_running_mode_is_refused():
