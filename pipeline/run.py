@@ -27,8 +27,7 @@ import re
 import sys
 import time
 
-from maskstream.pipeline.local_runner import (LOCAL_SAMPLING_MS, fast_state_sampler, hidden_packages,  # noqa: F401
-                                              local_runner, logging_disabled)
+from maskstream.pipeline.local_runner import hidden_packages, local_runner, logging_disabled
 from maskstream.pipeline.config import MASKINGS, PACKINGS, TEXT_MODES, config_from_args
 from maskstream.pipeline.tokenizer import load_tokenizer
 
@@ -164,9 +163,8 @@ def run(argv=None) -> dict:
                  tokenizer_path=local_path if runner is not None else None)   # local workers read it themselves
     with progress.Bar(None, enabled=runner is not None and not args.quiet and sys.stderr.isatty(),
                       desc="tokenized chars"):
-        with fast_state_sampler() if runner is not None else contextlib.nullcontext():
-            result = p.run()
-            result.wait_until_finish()
+        result = p.run()
+        result.wait_until_finish()
     if builds_only:
         print("graph built and checked; nothing was run (--dry_run / --template_location)", file=sys.stderr)
         return {}

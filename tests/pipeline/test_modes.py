@@ -27,34 +27,6 @@ def test_auto_mode_is_one_process_on_few_cores_or_small_inputs():
     assert pipeline_run.auto_mode(16, 10 << 30) == "multi_processing"
 
 
-def test_local_runner_samples_state_often_so_bundles_end_without_a_200_ms_wait():
-    from apache_beam.runners.worker import statesampler
-    before = statesampler.StateSampler.__init__.__defaults__
-    with local_runner.fast_state_sampler() as patched:
-        assert patched
-        assert statesampler.StateSampler("s", None).sampling_period_ms == local_runner.LOCAL_SAMPLING_MS
-    assert statesampler.StateSampler.__init__.__defaults__ == before          # undone when the job ends
-
-
-def test_state_sampler_fence_warns_and_falls_back_when_the_signature_differs():
-    class Renamed:                       # a Beam whose constructor calls the parameter something else
-        def __init__(self, prefix, counter_factory, period_ms=200):
-            self.period_ms = period_ms
-    with pytest.warns(RuntimeWarning, match="sampling_period_ms"):
-        with local_runner.fast_state_sampler(sampler_class=Renamed) as patched:
-            assert not patched and Renamed("s", None).period_ms == 200
-    assert Renamed.__init__.__defaults__ == (200,)
-
-
-def test_state_sampler_fence_patches_by_name_not_position():
-    class Reordered:
-        def __init__(self, prefix, counter_factory, sampling_period_ms=200, other=5):
-            self.values = (sampling_period_ms, other)
-    with local_runner.fast_state_sampler(sampler_class=Reordered):
-        assert Reordered("s", None).values == (local_runner.LOCAL_SAMPLING_MS, 5)
-    assert Reordered("s", None).values == (200, 5)
-
-
 def test_hidden_packages_and_quiet_logging_are_undone_after_the_block():
     import logging
     import sys
