@@ -59,14 +59,12 @@ def write_shards(directory: Path, tokens: np.ndarray, word_starts: np.ndarray, n
             writer.add(fmt.Block(tokens=tokens[sl].astype(np.uint16), lengths=np.full(sl.stop - a, SEQ_LEN,
                                  np.int32), word_starts=word_starts[sl], uids=uids[sl]))
         entries.append(writer.close())
-    index = {"format_version": fmt.FORMAT_VERSION, "shards": entries, "seq_len": SEQ_LEN, "packing": "full",
-             "counts": {"documents_read": 0, "documents_written": 0, "documents_rejected": 0,
-                        "sequences": n, "tokens": int(n * SEQ_LEN)},
-             "tokenizer": {"sha256": "", "vocab_size": VOCAB.size, "pad_id": 0, "mask_id": 103, "cls_id": 101,
-                           "sep_id": 102, "special_ids": list(VOCAB.special_ids), "kind": "wordpiece"},
-             "masking": {"mode": "dynamic", "static_copies": 0, "seed": 0,
-                         "config": masking.MaskingConfig().to_dict()},
-             "config": {"bench": True}, "inputs": [str(CORPUS)]}
+    index = fmt.make_index(
+        entries=entries, seq_len=SEQ_LEN, packing="full",
+        counts={"documents_read": 0, "documents_written": 0, "documents_rejected": 0},
+        tokenizer={"sha256": "", "vocab_size": VOCAB.size, "pad_id": 0, "mask_id": 103, "cls_id": 101,
+                   "sep_id": 102, "special_ids": list(VOCAB.special_ids), "kind": "wordpiece"},
+        masking_config=masking.MaskingConfig().to_dict(), config={"bench": True}, inputs=[str(CORPUS)])
     fmt.write_index(str(directory), index)
 
 

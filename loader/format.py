@@ -26,6 +26,7 @@ import tarfile
 import numpy as np
 
 from maskstream.errors import UserError
+from maskstream.loader.atomic import atomic_write, commit
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -191,7 +192,6 @@ class ShardWriter:
     def __init__(self, fileobj, name: str, *, vocab_size: int):
         self.name, self.vocab_size = check_shard_name(name), vocab_size
         self._out = _HashingWriter(fileobj)
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.USTAR_FORMAT)
         self._records: list[list[int]] = []
         self._tokens = 0
         self._final_path = self._temp_path = None
@@ -208,25 +208,25 @@ class ShardWriter:
         if len(block) == 0:
             raise FormatError("refusing to write an empty record")
         key = f"{len(self._records):06d}"
-        self._records.append([self._tar.offset, len(block)])
+        self._records.append([self._out.size, len(block)])  # the record's first header starts here
         for suffix, data in encode_block(block, vocab_size=self.vocab_size).items():
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
             info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            # NOTE: the tar is written by hand with tarfile's public TarInfo.tobuf(): a USTAR member is a
+            # 512-byte header, the data, then zero padding to the next 512-byte block.
+            self._out.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+            self._out.write(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
         self._tokens += int(block.lengths.sum())
 
     def close(self) -> dict:
         """Finish the tar, rename it into place (local mode) and return the shard's index entry."""
-        # NOTE: the end-of-archive marker (two zero blocks) is written here rather than by tarfile.close(),
-        # which would also pad the file to a multiple of 10 KiB: dead bytes in every shard.
+        # NOTE: the end-of-archive marker is two zero blocks; no padding to tarfile's 10 KiB record size,
+        # which would be dead bytes in every shard.
         self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
-        self._tar.closed = True
         self._out.raw.flush()
         if self._final_path:
-            os.fsync(self._out.raw.fileno())
-            self._out.raw.close()
-            os.replace(self._temp_path, self._final_path)
+            commit(self._out.raw, self._temp_path, self._final_path)
         return {"name": self.name, "bytes": self._out.size, "sha256": self._out.sha.hexdigest(),
                 "sequences": sum(n for _, n in self._records), "tokens": self._tokens,
                 "records": self._records}
@@ -242,6 +242,26 @@ def remove_partials(directory: str) -> list[str]:
 
 # ---- index.json -------------------------------------------------------------------------------------------
 
+def make_index(*, entries: list[dict], seq_len: int, packing: str, tokenizer: dict, masking_config: dict,
+               masking_mode: str = "dynamic", static_copies: int = 0, masking_seed: int = 0,
+               counts: dict | None = None, config: dict | None = None, inputs: list | None = None,
+               **extra) -> dict:
+    """The one builder of an index.json dict (writer, benchmarks and test fixtures all call it).
+
+    `entries` are ShardWriter.close() results (sorted by name here); `counts` defaults to the sequences and
+    tokens the entries hold, and what is given overrides those.
+    """
+    entries = sorted(entries, key=lambda e: e["name"])
+    derived = {"sequences": sum(e["sequences"] for e in entries), "tokens": sum(e["tokens"] for e in entries)}
+    return {
+        "format_version": FORMAT_VERSION, "shards": entries, "counts": {**derived, **(counts or {})},
+        "seq_len": seq_len, "packing": packing, "tokenizer": tokenizer,
+        "masking": {"mode": masking_mode, "static_copies": static_copies, "seed": masking_seed,
+                    "config": masking_config},
+        "config": config or {}, "inputs": list(inputs or []), **extra,
+    }
+
+
 def dump_index(index: dict) -> bytes:
     """Canonical bytes of index.json (sorted keys, so a rerun gives the same bytes)."""
     return (json.dumps(index, indent=1, sort_keys=True) + "\n").encode()
@@ -250,12 +270,8 @@ def dump_index(index: dict) -> bytes:
 def write_index(directory: str, index: dict) -> None:
     """Write index.json atomically; call it last, after every shard is in place."""
     read_index(dump_index(index))  # never write an index we would refuse to read
-    temp = os.path.join(directory, INDEX_FILE + PARTIAL_SUFFIX)
-    with open(temp, "wb") as f:
-        f.write(dump_index(index))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, os.path.join(directory, INDEX_FILE))
+    atomic_write(os.path.join(directory, INDEX_FILE), dump_index(index),
+                 temp=os.path.join(directory, INDEX_FILE + PARTIAL_SUFFIX))
 
 
 def read_index(data: str | bytes, *, source: str = INDEX_FILE) -> dict:

@@ -71,3 +71,9 @@ class Vocab:
     @classmethod
     def from_dict(cls, d: dict) -> "Vocab":
         return cls(size=d["size"], pad_id=d["pad_id"], mask_id=d["mask_id"], special_ids=tuple(d["special_ids"]))
+
+    @classmethod
+    def from_index(cls, index: dict) -> "Vocab":
+        """The one way to get a Vocab from an index.json dict (its "tokenizer" entry)."""
+        t = index["tokenizer"]
+        return cls(size=t["vocab_size"], pad_id=t["pad_id"], mask_id=t["mask_id"], special_ids=tuple(t["special_ids"]))

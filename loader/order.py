@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from maskstream.errors import UserError
+
 REMAINDERS = ("drop", "wrap")
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -119,11 +121,13 @@ class EpochPlan:
 
     @property
     def dropped(self) -> int:
-        return max(0, self.num_sequences - self.batches_per_rank * self.world_size * self.batch_size)
+        return remainder_counts(self.num_sequences, self.batches_per_rank, batch_size=self.batch_size,
+                                world_size=self.world_size)[0]
 
     @property
     def wrapped(self) -> int:
-        return max(0, self.batches_per_rank * self.world_size * self.batch_size - self.num_sequences)
+        return remainder_counts(self.num_sequences, self.batches_per_rank, batch_size=self.batch_size,
+                                world_size=self.world_size)[1]
 
     def batch(self, rank: int, b: int) -> BatchSpec:
         """The segments of batch b of rank r: stream positions [(r*nb + b)*B, +B), modulo N when wrapping."""
@@ -141,6 +145,26 @@ class EpochPlan:
         return BatchSpec(b, tuple(segments))
 
 
+def batches_per_rank(n: int, *, batch_size: int, world_size: int, remainder: str,
+                     source: str = "the dataset") -> int:
+    """nb: N // (world * B) with "drop", ceil with "wrap"; refuses a dataset smaller than one batch per rank."""
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder={remainder!r}; choose one of {REMAINDERS}")
+    per_step = world_size * batch_size
+    nb = n // per_step if remainder == "drop" else -(-n // per_step)
+    if nb == 0:
+        raise UserError(f"{source} holds {n} sequences, fewer than one batch per rank (world_size="
+                        f"{world_size} x batch_size={batch_size} = {per_step}); pass a smaller --batch-size "
+                        f"(remainder='wrap' in code), or add data")
+    return nb
+
+
+def remainder_counts(n: int, nb: int, *, batch_size: int, world_size: int) -> tuple[int, int]:
+    """(dropped, wrapped): sequences left out of, or repeated in, an epoch of nb batches per rank."""
+    total = nb * world_size * batch_size
+    return max(0, n - total), max(0, total - n)
+
+
 def plan_epoch(table: RecordTable, *, seed: int, epoch: int, batch_size: int, world_size: int,
                remainder: str) -> EpochPlan:
     """Stages 1 and 2 of the order: permute the records, then size the equal per-rank share."""
@@ -148,12 +172,7 @@ def plan_epoch(table: RecordTable, *, seed: int, epoch: int, batch_size: int, wo
         raise ValueError(f"remainder={remainder!r}; choose one of {REMAINDERS}")
     records = record_permutation(len(table.sequences), seed=seed, epoch=epoch)
     starts = [0] + np.cumsum(table.sequences[records]).tolist()
-    n, per_step = starts[-1], world_size * batch_size
-    nb = n // per_step if remainder == "drop" else -(-n // per_step)
-    if nb == 0:
-        raise ValueError(f"the dataset holds {n} sequences, fewer than one batch per rank (world_size="
-                         f"{world_size} x batch_size={batch_size} = {per_step}); use a smaller batch size, "
-                         f"remainder='wrap', or more data")
+    nb = batches_per_rank(starts[-1], batch_size=batch_size, world_size=world_size, remainder=remainder)
     return EpochPlan(records, starts, batch_size, world_size, nb)
 
 

@@ -17,7 +17,6 @@ import tarfile
 
 import numpy as np
 import torch
-import webdataset.tariterators as wds_tar
 
 from maskstream.loader import format as fmt
 from maskstream.loader import masking
@@ -55,18 +54,38 @@ def decode(items, index: dict, table: RecordTable, *, seed: int, epoch: int):
         yield spec, cache
 
 
+def read_record_tar(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
+    """[(key, {suffix: bytes})] of one record's tar bytes, read with tarfile's public API.
+
+    Members group by key (the name before its first dot, as webdataset does); a repeated member is an error.
+    """
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, dot, suffix = info.name.partition(".")
+            if not dot:
+                raise ValueError(f"member {info.name!r} has no suffix")
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            if suffix in samples[-1][1]:
+                raise ValueError(f"duplicate member {info.name!r}")
+            samples[-1][1][suffix] = tar.extractfile(info).read()
+    return samples
+
+
 def decode_record(data: bytes, index: dict, table: RecordTable, r: int, seed: int, epoch: int):
     entry = index["shards"][table.shard[r]]
     where = f"{entry['name']} record at offset {int(table.offset[r])}"
     try:
-        files = [dict(f, __url__=where) for f in wds_tar.tar_file_iterator(io.BytesIO(data))]
-        samples = list(wds_tar.group_by_keys(files + [{}]))
+        samples = read_record_tar(data)
     except (tarfile.TarError, ValueError) as e:  # bad header checksums, duplicate members
         raise fmt.FormatError(f"{where}: unreadable tar data ({e}); the shard is corrupt") from None
     if len(samples) != 1:
         raise fmt.FormatError(f"{where}: expected one record (one tar key), found {len(samples)}; the shard or "
                               f"its index is corrupt")
-    members = {k: v for k, v in samples[0].items() if not k.startswith("__")}
+    members = samples[0][1]
     try:
         block = fmt.decode_block(members, seq_len=index["seq_len"], vocab_size=index["tokenizer"]["vocab_size"],
                                  static_copies=static_copies(index))
@@ -175,10 +194,5 @@ def load_index(source) -> tuple[dict, str]:
         fmt.check_shard_name(entry["name"])
     return index, hashlib.sha256(data).hexdigest()
 
-
-def vocab_of(index: dict) -> masking.Vocab:
-    t = index["tokenizer"]
-    return masking.Vocab(size=t["vocab_size"], pad_id=t["pad_id"], mask_id=t["mask_id"],
-                         special_ids=tuple(t["special_ids"]))
 
 

@@ -19,9 +19,9 @@ import torch
 
 from maskstream.errors import UserError
 from maskstream.loader import masking as masking_rule
-from maskstream.loader.order import REMAINDERS, RecordTable
+from maskstream.loader.order import REMAINDERS, RecordTable, batches_per_rank, remainder_counts
 from maskstream.loader.storage import IOConfig, SourceError, open_source
-from maskstream.loader.stages import EpochStream, finish, load_index, static_copies, vocab_of
+from maskstream.loader.stages import EpochStream, finish, load_index, static_copies
 
 STATE_VERSION = 1
 MASK_ON = ("device", "worker")
@@ -63,7 +63,7 @@ class MLMLoader:
         self.source = open_source(self.root, IOConfig(timeout_s=config.timeout_s, retries=config.retries))
         self.index, self.fingerprint = load_index(self.source)
         self.table = RecordTable.from_index(self.index)
-        self.vocab = vocab_of(self.index)
+        self.vocab = masking_rule.Vocab.from_index(self.index)
         self.seq_len = int(self.index["seq_len"])
         self.static_copies = static_copies(self.index)
         stored = masking_rule.MaskingConfig.from_dict(self.index["masking"]["config"])
@@ -71,12 +71,9 @@ class MLMLoader:
             raise UserError(f"{self.root} stores static masks made with {stored}; a different masking config "
                              f"cannot apply to them. Pass masking=None, or preprocess with --masking dynamic")
         self.masking = stored if masking is None else masking
-        n, per_step = self.table.num_sequences, world_size * config.batch_size
-        self.batches_per_epoch = n // per_step if config.remainder == "drop" else -(-n // per_step)
-        if self.batches_per_epoch == 0:
-            raise UserError(f"{self.root} holds {n} sequences, fewer than one batch per rank (world_size="
-                            f"{world_size} x batch_size={config.batch_size}); pass a smaller --batch-size "
-                            f"(remainder='wrap' in code), or add data")
+        self.batches_per_epoch = batches_per_rank(self.table.num_sequences, batch_size=config.batch_size,
+                                                  world_size=world_size, remainder=config.remainder,
+                                                  source=self.root)
         self.epoch, self.sequences_consumed = 0, 0
         self.stats: dict[int, dict] = {}  # epoch -> sequences, batches per rank, dropped, wrapped
 
@@ -95,9 +92,10 @@ class MLMLoader:
                              world_size=self.world_size, masking_config=self.masking, vocab=self.vocab,
                              epoch=epoch, start_batch=start)
         n = self.table.num_sequences
-        total = self.batches_per_epoch * self.world_size * cfg.batch_size
+        dropped, wrapped = remainder_counts(n, self.batches_per_epoch, batch_size=cfg.batch_size,
+                                            world_size=self.world_size)
         self.stats[epoch] = {"sequences": n, "batches_per_rank": self.batches_per_epoch,
-                             "dropped": max(0, n - total), "wrapped": max(0, total - n)}
+                             "dropped": dropped, "wrapped": wrapped}
         pin = cfg.pin_memory and self.device.type == "cuda"
         # NOTE: a DataLoader draws a base seed for every iterator, from the global RNG unless given a
         # generator; ours is private, so iterating never moves the training process's RNG (dropout, init).

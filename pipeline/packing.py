@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from maskstream.loader.order import mix64
 from maskstream.pipeline.readers import NO_TOKENS, Doc, Reject
 
 
@@ -155,12 +156,8 @@ def pack_group(docs: list[TokDoc], *, packing: str, seq_len: int, info, key: byt
 
 
 def _mix(x: np.ndarray, salt: int) -> np.ndarray:
-    """splitmix64 finalizer of x ^ salt, (n,) uint64 -> (n,) uint64."""
-    with np.errstate(over="ignore"):
-        z = x ^ np.uint64(salt)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    """splitmix64 finalizer (loader.order.mix64, the one definition) of x ^ salt, (n,) uint64 -> (n,) uint64."""
+    return mix64(np.asarray(x, dtype=np.uint64) ^ np.uint64(salt))
 
 
 SHARD_SALT = 0x5EED_0F_5A4D

@@ -10,6 +10,8 @@ import os
 import tempfile
 import threading
 
+from maskstream.loader.atomic import atomic_write
+
 ENV = "MASKSTREAM_PROGRESS_DIR"
 
 
@@ -24,9 +26,8 @@ class Reporter:
             return
         self.total += n
         path = os.path.join(self.folder, str(os.getpid()))
-        with open(path + ".tmp", "w") as f:
-            f.write(str(self.total))
-        os.replace(path + ".tmp", path)
+        # NOTE: durable=False: a progress counter is not worth an fsync per update.
+        atomic_write(path, str(self.total), temp=path + ".tmp", durable=False)
 
 
 class Bar:

@@ -19,6 +19,7 @@ The output is byte-identical in every mode (tests compare them). `multi_threadin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import sys
 import time
 
 from maskstream.errors import UserError
+from maskstream.pipeline.local_runner import hidden_packages, local_runner, logging_disabled
 from maskstream.pipeline.config import MASKINGS, PACKINGS, TEXT_MODES, config_from_args
 from maskstream.pipeline.tokenizer import load_tokenizer
 
@@ -142,24 +144,6 @@ def pipeline_options(beam_args: list[str], *, local_mode: str = "auto", input_by
     return options, local_runner(options)
 
 
-LOCAL_SAMPLING_MS = 10
-
-
-def local_runner(options):
-    """The FnApiRunner as SwitchingDirectRunner would build it for a batch job, minus its Prism attempt."""
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.worker import statesampler
-    # NOTE: every bundle ends by joining Beam's state-sampler thread, which sleeps up to its period (200 ms by
-    # default) before it notices: 0.07-0.1 s of a 2.5 s SOTU run here. Its samples only feed msecs counters.
-    # Beam has no option for it, and the default is bound into the constructor, hence this.
-    statesampler.StateSampler.__init__.__defaults__ = (LOCAL_SAMPLING_MS,)
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
-    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    return fn_runner.FnApiRunner(provision_info=info)
-
-
 def prepare(args):
     """Configs, tokenizer facts and the input file list: everything the graph needs, checked up front."""
     from maskstream.pipeline.readers import expand_inputs
@@ -262,17 +246,6 @@ CLOUD_CLIENTS = ("apache_beam.io.gcp", "google.cloud", "google.api_core", "googl
 NOT_PARQUET = re.compile(r"\.(txt|jsonl|json)(\.gz)?$")
 
 
-class _Skip:
-    """A sys.meta_path finder that makes the named packages look uninstalled."""
-    def __init__(self, packages: tuple[str, ...]):
-        self.packages = packages
-
-    def find_spec(self, name, path=None, target=None):
-        if any(name == p or name.startswith(p + ".") for p in self.packages):
-            raise ModuleNotFoundError(f"{name} is not loaded by this run (local runner, local files)", name=name)
-        return None
-
-
 def unneeded_packages(argv) -> tuple[str, ...]:
     """Packages a run does without: the cloud clients on the local runner with local inputs, tokenizer and output;
     pyarrow too when every input is named as text or JSONL."""
@@ -293,16 +266,15 @@ def main(argv=None) -> int:
     import gc
     argv = sys.argv[1:] if argv is None else argv
     skip = unneeded_packages(argv)
-    if skip:
-        sys.meta_path.insert(0, _Skip(skip))
-        logging.disable(logging.WARNING)     # Beam's warnings that a skipped connector is unavailable
-    import apache_beam  # noqa: F401
-    from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: F401
-    logging.disable(logging.NOTSET)
-    # NOTE: the ~160k objects of Beam's modules never die; frozen, the collector stops walking them in every
-    # full collection and at exit (0.5 s of a 6 s SOTU run). Only here, in a one-job process: not in run().
-    gc.freeze()
-    run(argv)
+    with hidden_packages(skip):
+        # Beam's warnings that a skipped connector is unavailable
+        with logging_disabled(logging.WARNING) if skip else contextlib.nullcontext():
+            import apache_beam  # noqa: F401
+            from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: F401
+        # NOTE: the ~160k objects of Beam's modules never die; frozen, the collector stops walking them in every
+        # full collection and at exit (0.5 s of a 6 s SOTU run). Only here, in a one-job process: not in run().
+        gc.freeze()
+        run(argv)
     return 0
 
 

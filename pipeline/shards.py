@@ -17,6 +17,7 @@ import numpy as np
 
 from maskstream.loader import format as fmt
 from maskstream.pipeline.config import data_hash
+from maskstream.loader.atomic import atomic_write
 from maskstream.pipeline.packing import SeqBatch, shard_order
 from maskstream.pipeline.readers import REASONS
 
@@ -39,12 +40,7 @@ def _write_atomic(path: str, data: bytes) -> None:
     """Write bytes under a temporary name, then rename into place (any Beam filesystem)."""
     temp = path + fmt.PARTIAL_SUFFIX
     if is_local(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+        atomic_write(path, data, temp=temp)
         return
     from apache_beam.io.filesystems import FileSystems
     with FileSystems.create(temp) as f:
@@ -216,14 +212,12 @@ def build_index(*, entries, stats: dict, documents_read: int, rejects_by_reason:
                   rejects_by_reason=rejects_by_reason, sequences=sequences,
                   tokens=sum(e["tokens"] for e in entries), shards=len(entries),
                   empty_shards=config["shard"]["num_shards"] - len(entries))
-    return {
-        "format_version": fmt.FORMAT_VERSION, "shards": entries, "counts": counts,
-        "seq_len": config["pack"]["seq_len"], "packing": config["pack"]["packing"], "tokenizer": {**info.to_index(), "file": TOKENIZER_FILE},
-        "masking": {"mode": config["shard"]["masking"], "static_copies": config["shard"]["static_copies"],
-                    "seed": config["shard"]["seed"], "config": config["masking"]},
-        "config": config, "inputs": [{"path": p, "bytes": n} for p, n in inputs],
-        "rejects": f"{REJECTS_DIR}/{REJECTS_FILE}",
-    }
+    return fmt.make_index(
+        entries=entries, counts=counts, seq_len=config["pack"]["seq_len"], packing=config["pack"]["packing"],
+        tokenizer={**info.to_index(), "file": TOKENIZER_FILE}, masking_mode=config["shard"]["masking"],
+        static_copies=config["shard"]["static_copies"], masking_seed=config["shard"]["seed"],
+        masking_config=config["masking"], config=config, inputs=[{"path": p, "bytes": n} for p, n in inputs],
+        rejects=f"{REJECTS_DIR}/{REJECTS_FILE}")
 
 
 def write_tokenizer(output: str, tokenizer_json: str) -> None:

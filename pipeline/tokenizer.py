@@ -47,8 +47,7 @@ class TokenizerInfo:
     def vocab(self):
         """loader.maskconfig.Vocab, the facts the masking rule needs."""
         from maskstream.loader.maskconfig import Vocab
-        return Vocab(size=self.vocab_size, pad_id=self.pad_id, mask_id=self.mask_id,
-                     special_ids=self.special_ids)
+        return Vocab.from_index({"tokenizer": self.to_index()})  # the same rule the loader reads index.json by
 
     def to_index(self) -> dict:
         """The index.json "tokenizer" entry."""
@@ -199,8 +198,12 @@ def sample_texts(paths: list[str], *, text_field: str, sample_bytes: int, progre
 
 def convert_gpt2(vocab_path: str, merges_path: str) -> Tokenizer:
     """A GPT-2 byte-level BPE pair as one tokenizer with RoBERTa's specials and post-processor added."""
-    from tokenizers import ByteLevelBPETokenizer
-    tok = ByteLevelBPETokenizer(vocab_path, merges_path)._tokenizer
+    # What tokenizers.ByteLevelBPETokenizer builds (same JSON), through the public Tokenizer API, not its ._tokenizer.
+    tok = Tokenizer(models.BPE.from_file(vocab_path, merges_path, continuing_subword_prefix="",
+                                         end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.add_special_tokens(SPECIALS["bpe"][0])
     tok.post_processor = _template(tok, "bpe")
     return tok

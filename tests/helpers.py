@@ -126,17 +126,14 @@ def build_dataset(directory, shards: list[list[int]], *, static_copies: int = 0,
 
 def write_index(directory, entries: list[dict], *, static_copies=0, seed=7, config=None) -> dict:
     config = config or masking.MaskingConfig()
-    n = sum(e["sequences"] for e in entries)
-    index = {
-        "format_version": fmt.FORMAT_VERSION, "shards": entries, "seq_len": SEQ_LEN, "packing": "full",
-        "counts": {"documents_read": 1, "documents_written": 1, "documents_rejected": 0, "rejects_by_reason": {},
-                   "sequences": n, "tokens": sum(e["tokens"] for e in entries), "tail_sequences": 0},
-        "tokenizer": {"sha256": "test", "vocab_size": VOCAB.size, "pad_id": 0, "mask_id": 103, "cls_id": CLS,
-                      "sep_id": SEP, "special_ids": list(VOCAB.special_ids), "kind": "wordpiece"},
-        "masking": {"mode": "static" if static_copies else "dynamic", "static_copies": static_copies,
-                    "seed": seed, "config": config.to_dict()},
-        "config": {"test": True}, "inputs": ["sotu.jsonl.gz"],
-    }
+    index = fmt.make_index(
+        entries=entries, seq_len=SEQ_LEN, packing="full",
+        counts={"documents_read": 1, "documents_written": 1, "documents_rejected": 0, "rejects_by_reason": {},
+                "tail_sequences": 0},
+        tokenizer={"sha256": "test", "vocab_size": VOCAB.size, "pad_id": 0, "mask_id": 103, "cls_id": CLS,
+                   "sep_id": SEP, "special_ids": list(VOCAB.special_ids), "kind": "wordpiece"},
+        masking_mode="static" if static_copies else "dynamic", static_copies=static_copies, masking_seed=seed,
+        masking_config=config.to_dict(), config={"test": True}, inputs=["sotu.jsonl.gz"])
     fmt.write_index(str(directory), index)
     return index
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from maskstream.trainer.run_folder import atomic_write, atomic_write_bytes
+from maskstream.loader.atomic import atomic_write, atomic_write_with
 
 CHECKPOINT_VERSION = 2  # 2: sidecar checksum, weights_only load, parts + counters
 _CKPT = re.compile(r"^ckpt-(\d{7,})\.pt$")
@@ -155,10 +155,10 @@ class Checkpointer:
             raise ValueError(f"refusing to checkpoint step {step}: {bad} holds a NaN or an infinity")
         path = self.out / f"ckpt-{step:07d}.pt"
         sidecar(path).unlink(missing_ok=True)  # a rewrite of this step: stale checksum first, never a mismatch
-        atomic_write(path, lambda f: torch.save(ckpt, f))
+        atomic_write_with(path, lambda f: torch.save(ckpt, f))
         record = {"checkpoint": path.name, "step": int(step), "bytes": path.stat().st_size,
                   "sha256": sha256_file(path)}  # hashed as read back: what is on disk
-        atomic_write_bytes(sidecar(path), (json.dumps(record) + "\n").encode())
+        atomic_write(sidecar(path), (json.dumps(record) + "\n").encode())
         for old in checkpoints(self.out)[:-self.keep]:
             if old != path:  # the checkpoint just written is the newest intact one: never rotated away
                 sidecar(old).unlink(missing_ok=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from maskstream.loader.maskconfig import IGNORE_INDEX  # noqa: F401 (re-exported for trainer.evaluate)
 
 
 @dataclass(frozen=True, kw_only=True)

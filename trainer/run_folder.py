@@ -1,4 +1,4 @@
-"""The run folder's plain files: config.json, the tokenizer copy, metrics.jsonl, loss.png, and atomic writes.
+"""The run folder's plain files: config.json, the tokenizer copy, metrics.jsonl, loss.png (written atomically through loader.atomic).
 
 RUN/
   config.json           train + model config, vocabulary, the dataset's index summary (written at start)
@@ -20,30 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from maskstream.loader.atomic import atomic_write, atomic_write_with
+
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 _TEMP = ".tmp"  # a temporary is named .NAME.tmpPID
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """write(f) into a temporary beside path, fsync, then rename over path: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{_TEMP}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
 
 
 def remove_leftovers(out: Path) -> list[Path]:
@@ -59,7 +42,7 @@ def remove_leftovers(out: Path) -> list[Path]:
 
 def write_config(out: Path, config: dict) -> None:
     """RUN/config.json: the run's whole configuration, as JSON."""
-    atomic_write_bytes(Path(out) / CONFIG, json.dumps(config, indent=2).encode())
+    atomic_write(Path(out) / CONFIG, json.dumps(config, indent=2).encode())
 
 
 def copy_tokenizer(out: Path, *, data: str, index: dict, given: str | None = None) -> None:
@@ -75,7 +58,7 @@ def copy_tokenizer(out: Path, *, data: str, index: dict, given: str | None = Non
     if len(want) == 64 and hashlib.sha256(content).hexdigest() != want:
         raise ValueError(f"{src} is not the tokenizer {data} was made with (sha256 differs from "
                          "index.json); pass the tokenizer.json given to `maskstream preprocess`")
-    atomic_write_bytes(Path(out) / TOKENIZER, content)
+    atomic_write(Path(out) / TOKENIZER, content)
 
 
 def tokenizer_source(data: str, index: dict) -> Path | None:
@@ -98,7 +81,7 @@ def truncate_metrics(out: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+    atomic_write(path, "".join(line + "\n" for line in keep).encode())
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from maskstream.loader.format import (FORMAT_VERSION, Block, FormatError, ShardWriter, check_shard_name, decode_block,
-                           dump_index, encode_block, read_index, remove_partials, shard_sha256, write_index)
+                           make_index, dump_index, encode_block, read_index, remove_partials, shard_sha256, write_index)
 
 L, V = 16, 70000  # a vocabulary over 2**16 exercises uint32 ids
 
@@ -30,9 +30,7 @@ def _block(seed, n=5, copies=0):
 
 
 def _index(entries):
-    return {"format_version": FORMAT_VERSION, "shards": entries,
-            "counts": {"sequences": sum(e["sequences"] for e in entries)}, "seq_len": L, "packing": "full",
-            "tokenizer": {}, "masking": {}, "config": {}, "inputs": []}
+    return make_index(entries=entries, seq_len=L, packing="full", tokenizer={}, masking_config={})
 
 
 def _members(sample):
@@ -171,3 +169,14 @@ def test_records_of_full_rows_carry_no_lengths_member():
     members = encode_block(full, vocab_size=V)
     assert "lengths.npy" not in members
     assert np.array_equal(decode_block(members, seq_len=L, vocab_size=V).lengths, np.full(5, L))
+
+
+def test_make_index_builds_a_readable_index_with_counts_from_the_entries(tmp_path):
+    writer = ShardWriter.create(str(tmp_path), 0, vocab_size=V)
+    writer.add(_block(0))
+    entry = writer.close()
+    index = make_index(entries=[entry], seq_len=L, packing="full", tokenizer={}, masking_config={},
+                       counts={"documents_read": 2})
+    assert index["format_version"] == FORMAT_VERSION
+    assert index["counts"] == {"sequences": entry["sequences"], "tokens": entry["tokens"], "documents_read": 2}
+    assert read_index(dump_index(index)) == index

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import write_sotu_subset
 
-from maskstream.pipeline import packing, readers
+from maskstream.pipeline import local_runner, packing, readers
 from maskstream.pipeline import run as pipeline_run
 from maskstream.pipeline.encoder import Encoder
 from maskstream.pipeline.tokenizer import TokenizerRef, load_tokenizer
@@ -27,10 +27,18 @@ def test_auto_mode_is_one_process_on_few_cores_or_small_inputs():
     assert pipeline_run.auto_mode(16, 10 << 30) == "multi_processing"
 
 
-def test_local_runner_samples_state_often_so_bundles_end_without_a_200_ms_wait():
-    from apache_beam.runners.worker import statesampler
-    pipeline_run.pipeline_options([], local_mode="in_memory")
-    assert statesampler.StateSampler("s", None).sampling_period_ms == pipeline_run.LOCAL_SAMPLING_MS
+def test_hidden_packages_and_quiet_logging_are_undone_after_the_block():
+    import logging
+    import sys
+    finders, disabled = list(sys.meta_path), logging.root.manager.disable
+    with pytest.raises(RuntimeError):
+        with local_runner.hidden_packages(("maskstream_no_such_pkg",)), local_runner.logging_disabled():
+            assert isinstance(sys.meta_path[0], local_runner.HidePackages)
+            with pytest.raises(ModuleNotFoundError):
+                import maskstream_no_such_pkg  # noqa: F401
+            assert logging.root.manager.disable == logging.WARNING
+            raise RuntimeError("the job failed")
+    assert sys.meta_path == finders and logging.root.manager.disable == disabled
 
 
 def test_local_mode_contradicting_beams_running_mode_is_refused():
