@@ -3,7 +3,8 @@ keyed masking rule alone vs a plain torch.rand masking, on the same real sequenc
 
 Sequences: the bundled SOTU corpus tokenized with bert-base-uncased and packed to 128 tokens, written as real
 shards with loader.format.ShardWriter (512 sequences per record). Tokens/s counts B x L positions for every
-contender, with one intra-op torch thread (see run()). transformers is needed (`make bench-env`); without it the collator rows are skipped.
+contender, with one intra-op torch thread (see run()). transformers is needed (`make bench-env`); without it the
+collator rows are skipped.
 """
 from __future__ import annotations
 

@@ -60,8 +60,8 @@ def table(rows: list[Row]) -> str:
     head = ("area", "measure", "ours", "unit", "anchor", "anchor fig.", "ratio", "target")
     body = [(r.area, r.name, fmt(r.value), r.unit, r.anchor or "-", fmt(r.anchor_value),
              "-" if r.ratio is None else f"{r.ratio:.2f}x", r.target or "-") for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=False)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
     out = [line(head), line("-" * w for w in widths)] + [line(b) for b in body]
     return "\n".join(out)
 

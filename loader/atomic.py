@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, IO, Iterator
+from typing import IO, Callable, Iterator
 
 
 def fsync_dir(directory: str) -> None:

@@ -20,9 +20,8 @@ import sys
 from maskstream.errors import UserError
 from maskstream.loader import format as fmt
 from maskstream.loader.masking import IGNORE_INDEX
-from maskstream.loader.order import RecordTable
-from maskstream.loader.storage import LocalSource, SourceError
 from maskstream.loader.stages import decode_record, read_record
+from maskstream.loader.storage import LocalSource, SourceError
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 
 _U64 = (1 << 64) - 1
@@ -95,7 +94,8 @@ def sequences(loader: MLMLoader, limit: int | None):
     n = 0
     for batch in loader:
         for uid, ids, labels, attn in zip(batch["uids"].tolist(), batch["input_ids"].tolist(),
-                                          batch["labels"].tolist(), batch["attention_mask"].sum(1).tolist()):
+                                          batch["labels"].tolist(), batch["attention_mask"].sum(1).tolist(),
+                                          strict=False):
             yield uid & _U64, ids, labels, attn
             n += 1
             if limit is not None and n >= limit:
@@ -105,7 +105,7 @@ def sequences(loader: MLMLoader, limit: int | None):
 def render(ids, labels, length, id_to_token, kind: str, mask_id: int) -> str:
     """One sequence for a person: [MASK/word] masked, {word->other} randomized, <word> kept but predicted."""
     out = []
-    for i, (x, y) in enumerate(zip(ids[:length], labels[:length])):
+    for i, (x, y) in enumerate(zip(ids[:length], labels[:length], strict=False)):
         piece = id_to_token(y if y != IGNORE_INDEX else x)
         glue = piece.startswith("##") or (kind == "bpe" and not piece.startswith("Ġ"))
         word = piece[2:] if piece.startswith("##") else piece.lstrip("Ġ") if kind == "bpe" else piece

@@ -20,8 +20,8 @@ import torch
 from maskstream.errors import UserError
 from maskstream.loader import masking as masking_rule
 from maskstream.loader.order import REMAINDERS, RecordTable, batches_per_rank, remainder_counts
-from maskstream.loader.storage import IOConfig, SourceError, open_source
 from maskstream.loader.stages import EpochStream, finish, load_index, static_copies
+from maskstream.loader.storage import IOConfig, SourceError, open_source
 
 STATE_VERSION = 1
 MASK_ON = ("device", "worker")

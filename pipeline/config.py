@@ -103,7 +103,7 @@ class PipelineConfig:
     tokenize: TokenizeConfig
     pack: PackConfig
     shard: ShardConfig
-    masking: "MaskingConfig"          # loader.maskconfig (torch-free), so workers skip torch in dynamic mode
+    masking: object          # a MaskingConfig of loader.maskconfig (torch-free), so workers skip torch in dynamic mode
 
     def to_dict(self) -> dict:
         return {"source": dataclasses.asdict(self.source), "tokenize": dataclasses.asdict(self.tokenize),

@@ -160,7 +160,7 @@ class Encoder:
         out: list = [None] * len(texts)
 
         def run(tok, part):
-            for (i, _), piece in zip(part, self._encode(tok, [t for _, t in part])):
+            for (i, _), piece in zip(part, self._encode(tok, [t for _, t in part]), strict=False):
                 out[i] = piece
         # NOTE: both calls at once (the tokenizer releases the GIL; they share its thread pool), so the few
         # full-path documents do not leave cores idle at the end of a batch

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 
+
 def local_runner(options):
     """The FnApiRunner as SwitchingDirectRunner would build it for a batch job, minus its Prism attempt."""
     from apache_beam.portability.api import beam_provision_api_pb2

@@ -66,7 +66,7 @@ def tokenize_groups(encoder, groups: list[list[Doc]]) -> list[tuple[list[TokDoc]
 def _merge_parts(docs: list[Doc], pieces) -> tuple[list[TokDoc], list[Reject]]:
     """One group's (ids, word starts) per document part -> TokDocs, parts joined; no tokens -> Reject."""
     merged: dict[tuple[str, int], list] = {}
-    for doc, (ids, starts) in zip(docs, pieces):
+    for doc, (ids, starts) in zip(docs, pieces, strict=False):
         if len(starts):
             starts[0] = True    # a part cut at whitespace begins with a word
         merged.setdefault((doc.source, doc.position), []).append((ids, starts))

@@ -73,7 +73,7 @@ def expand_inputs(patterns) -> list[tuple[str, int]]:
     # pattern is matched as './pg_*.jsonl' and the './' dropped again: paths stay as given (they key the uids)
     bare = [p for p in patterns if "://" not in p and not os.path.dirname(p)]
     matched = FileSystems.match([os.path.join(".", p) if p in bare else p for p in patterns])
-    for pattern, result in zip(patterns, matched):
+    for pattern, result in zip(patterns, matched, strict=False):
         if not result.metadata_list:
             where = f" (in {os.path.abspath(os.path.dirname(pattern) or '.')})" if "://" not in pattern else ""
             raise MissingPath(f"--input {pattern} matches no file{where}; check the path and the file names")

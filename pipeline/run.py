@@ -28,8 +28,8 @@ import sys
 import time
 
 from maskstream.errors import UserError
-from maskstream.pipeline.local_runner import hidden_packages, local_runner, logging_disabled
 from maskstream.pipeline.config import MASKINGS, PACKINGS, TEXT_MODES, config_from_args
+from maskstream.pipeline.local_runner import hidden_packages, local_runner, logging_disabled
 from maskstream.pipeline.tokenizer import load_tokenizer
 
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
                    help="full: documents concatenated (RoBERTa); doc: a sequence never crosses a document")
     p.add_argument("--masking", choices=MASKINGS, default="dynamic",
                    help="dynamic: the loader masks every epoch; static: K masks stored per sequence")
-    p.add_argument("--static-copies", "--static_copies", type=int, default=None, help="K, with --masking static (default 10)")
+    p.add_argument("--static-copies", "--static_copies", type=int, default=None,
+                   help="K, with --masking static (default 10)")
     p.add_argument("--mask-prob", "--mask_prob", type=float, default=0.15)
     p.add_argument("--selection", choices=("token", "word", "span"), default="token")
     p.add_argument("--whole-word", "--whole_word", action="store_true", help="same as --selection word")
@@ -187,7 +188,8 @@ def no_documents_written(output: str) -> UserError:
     counts = collections.Counter(r.reason for r in rejects)
     by_reason = ", ".join(f"{reason} {counts[reason]:,}" for reason in REASONS if counts[reason])
     return UserError(f"no document was written: all {len(rejects):,} rejected ({by_reason}); no index.json was "
-                     f"written. See {path} for each reject's file, line (or Parquet row) and reason; check --input and --text-field")
+                     f"written. See {path} for each reject's file, line (or Parquet row) and reason; "
+                     "check --input and --text-field")
 
 
 def run(argv=None) -> dict:
@@ -225,9 +227,9 @@ def run(argv=None) -> dict:
     if builds_only:
         print("graph built and checked; nothing was run (--dry_run / --template_location)", file=sys.stderr)
         return {}
-    from maskstream.loader.format import INDEX_FILE, read_index
     from apache_beam.io.filesystems import FileSystems
 
+    from maskstream.loader.format import INDEX_FILE, read_index
     from maskstream.pipeline.tokenizer import read_bytes
     if not FileSystems.exists(shards.join(config.shard.output, INDEX_FILE)):    # see transforms._finish
         raise no_documents_written(config.shard.output)

@@ -16,8 +16,8 @@ import os
 import numpy as np
 
 from maskstream.loader import format as fmt
-from maskstream.pipeline.config import data_hash
 from maskstream.loader.atomic import atomic_write
+from maskstream.pipeline.config import data_hash
 from maskstream.pipeline.packing import SeqBatch, shard_order
 from maskstream.pipeline.readers import REASONS
 

@@ -18,8 +18,9 @@ import sys
 import typing
 import zlib
 
-from maskstream.errors import MissingPath, UserError
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from maskstream.errors import MissingPath, UserError
 
 # kind -> (special tokens in id order, pad, unk, cls/bos, sep/eos, mask)
 SPECIALS = {

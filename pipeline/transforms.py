@@ -20,7 +20,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from maskstream.loader.format import token_dtype
-from maskstream.pipeline import packing, progress, shards, readers
+from maskstream.pipeline import packing, progress, readers, shards
 from maskstream.pipeline.tokenizer import TokenizerRef
 
 NS = "maskstream"   # Beam metrics namespace
@@ -143,7 +143,7 @@ class _Tokenize(beam.DoFn):
         while len(self.pending) > (0 if last or self.ahead is None else AHEAD):
             buffer, results, done = self.pending.popleft().result()
             self.progress.add(done)
-            for (key, _), (tokdocs, rejects) in zip(buffer, results):
+            for (key, _), (tokdocs, rejects) in zip(buffer, results, strict=False):
                 for r in rejects:
                     self.rejected[r.reason].inc()
                     yield beam.pvalue.TaggedOutput(REJECTS, wrap(r))

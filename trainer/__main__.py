@@ -1,4 +1,7 @@
-"""`python -m maskstream.trainer ...` / `torchrun --nproc_per_node=N -m maskstream.trainer ...`: the same flags as `maskstream train`."""
+"""`python -m maskstream.trainer ...` / `torchrun --nproc_per_node=N -m maskstream.trainer ...`.
+
+The same flags as `maskstream train`.
+"""
 import sys
 
 from maskstream.trainer.train import main

@@ -17,9 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from maskstream.errors import MissingPath, UserError
+from maskstream.loader.maskconfig import IGNORE_INDEX
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 from maskstream.trainer import checkpoint
-from maskstream.trainer.model import IGNORE_INDEX, MLMEncoder, ModelConfig
+from maskstream.trainer.model import MLMEncoder, ModelConfig
 
 EVAL_SEED = 20190726  # fixed: the evaluation mask never depends on the training seed
 
@@ -129,8 +130,8 @@ def fill_mask(model: MLMEncoder, tokenizer, vocab: dict, text: str, *, top_k: in
     special = torch.tensor(vocab["special_ids"], device=probs.device)
     probs[:, special] = 0.0  # a special token is never a word
     top = probs.topk(top_k, dim=-1)
-    return [[(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(ps, is_)]
-            for ps, is_ in zip(top.values, top.indices)]
+    return [[(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(ps, is_, strict=False)]
+            for ps, is_ in zip(top.values, top.indices, strict=False)]
 
 
 def format_predictions(text: str, predictions: list[list[tuple]]) -> str:

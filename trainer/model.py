@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskstream.loader.maskconfig import IGNORE_INDEX  # noqa: F401 (re-exported for trainer.evaluate)
+from maskstream.loader.maskconfig import IGNORE_INDEX
 
 
 @dataclass(frozen=True, kw_only=True)

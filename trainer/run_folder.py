@@ -1,4 +1,6 @@
-"""The run folder's plain files: config.json, the tokenizer copy, metrics.jsonl, loss.png (written atomically through loader.atomic).
+"""The run folder's plain files: config.json, the tokenizer copy, metrics.jsonl, loss.png.
+
+Each is written atomically through loader.atomic.
 
 RUN/
   config.json           train + model config, vocabulary, the dataset's index summary (written at start)
@@ -14,13 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
-from maskstream.loader.atomic import atomic_write, atomic_write_with
+from maskstream.loader.atomic import atomic_write
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -101,9 +100,9 @@ def plot(out: Path) -> Path | None:
     if not train:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train MLM loss", lw=1)
+    ax.plot(*zip(*train, strict=False), label="train MLM loss", lw=1)
     if held:
-        ax.plot(*zip(*held), "o-", label="held-out MLM loss (fixed mask)")
+        ax.plot(*zip(*held, strict=False), "o-", label="held-out MLM loss (fixed mask)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title(Path(out).name)

@@ -1,4 +1,5 @@
-"""The Dataflow worker package: `maskstream.pipeline` and `maskstream.loader` with only what the Beam job needs on a worker.
+"""The Dataflow worker package: `maskstream.pipeline` and `maskstream.loader`, with only what the Beam job needs
+on a worker.
 
 launch.sh copies this file beside the two packages into a staging folder and passes it as --setup_file, so
 workers install tokenizers and numpy but not the trainer's dependencies. torch is needed on workers only for

@@ -1,6 +1,5 @@
 """Loader test fixtures: small real shard folders built in tmp_path (see tests/helpers.py)."""
 import pytest
-
 from helpers import build_dataset
 
 

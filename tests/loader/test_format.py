@@ -10,8 +10,21 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from maskstream.loader.format import (FORMAT_VERSION, Block, FormatError, ShardWriter, check_shard_name, decode_block,
-                           make_index, dump_index, encode_block, read_index, remove_partials, shard_sha256, write_index)
+from maskstream.loader.format import (
+    FORMAT_VERSION,
+    Block,
+    FormatError,
+    ShardWriter,
+    check_shard_name,
+    decode_block,
+    dump_index,
+    encode_block,
+    make_index,
+    read_index,
+    remove_partials,
+    shard_sha256,
+    write_index,
+)
 
 L, V = 16, 70000  # a vocabulary over 2**16 exercises uint32 ids
 
@@ -49,7 +62,7 @@ def test_blocks_round_trip_through_a_tar_read_by_webdataset(tmp_path, copies):
     assert entry["bytes"] == (tmp_path / entry["name"]).stat().st_size
     samples = list(wds.WebDataset(str(tmp_path / entry["name"]), shardshuffle=False))
     assert [s["__key__"] for s in samples] == ["000000", "000001", "000002"]
-    for sample, want in zip(samples, blocks):
+    for sample, want in zip(samples, blocks, strict=False):
         got = decode_block(_members(sample), seq_len=L, vocab_size=V, static_copies=copies)
         for field in ("tokens", "lengths", "word_starts", "uids", "static_selected", "static_inputs"):
             a, b = getattr(got, field), getattr(want, field)

@@ -1,9 +1,9 @@
 """On a CUDA device: batches pinned, moved and masked there are bit-identical to CPU masking."""
 import pytest
 import torch
+from helpers import collect
 
 from maskstream.loader.stream import LoaderConfig, MLMLoader
-from helpers import collect
 
 
 @pytest.mark.gpu
@@ -18,4 +18,4 @@ def test_masks_made_on_the_gpu_equal_masks_made_on_the_cpu(uneven, workers):
     cpu_loader.set_epoch(1)
     gpu, cpu = collect(gpu_loader), collect(cpu_loader)
     assert len(gpu) == len(cpu) == 30
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(gpu, cpu) for k in a)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(gpu, cpu, strict=False) for k in a)

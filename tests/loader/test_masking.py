@@ -1,7 +1,6 @@
 """The masking rule on real text: rates, 80/10/10, specials, whole words, spans, determinism."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -9,8 +8,17 @@ from helpers import sotu_texts
 from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
 
-from maskstream.loader.masking import (IGNORE_INDEX, MaskingConfig, Vocab, keyed_bits, mask_batch, select,
-                            sequence_keys, static_copy, static_masks)
+from maskstream.loader.masking import (
+    IGNORE_INDEX,
+    MaskingConfig,
+    Vocab,
+    keyed_bits,
+    mask_batch,
+    select,
+    sequence_keys,
+    static_copy,
+    static_masks,
+)
 
 SEQ_LEN = 128
 MIN_TOKENS = 1_000_000
@@ -21,7 +29,7 @@ def _pack(encodings, cls_id, sep_id):
     ids, starts = [], []
     for enc in encodings:
         prev = None
-        for tok, word in zip(enc.ids, enc.word_ids):
+        for tok, word in zip(enc.ids, enc.word_ids, strict=False):
             ids.append(tok)
             starts.append(word is None or word != prev)
             prev = word

@@ -4,10 +4,10 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import build_dataset, collect, dataset_uids
 
 from maskstream.loader.order import RecordTable, plan_epoch
 from maskstream.loader.stream import LoaderConfig, MLMLoader
-from helpers import build_dataset, collect, dataset_uids
 
 
 def epoch_uids(root, config, world_size, epoch):
@@ -71,13 +71,13 @@ def test_batches_do_not_depend_on_the_worker_count(uneven):
     runs = [collect(MLMLoader(uneven, LoaderConfig(batch_size=16, num_workers=w))) for w in (0, 1, 2, 3)]
     for run in runs[1:]:
         assert len(run) == len(runs[0])
-        for a, b in zip(runs[0], run):
+        for a, b in zip(runs[0], run, strict=False):
             assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def per_uid_masks(batches):
-    return {int(u): (i.tolist(), l.tolist()) for b in batches
-            for u, i, l in zip(b["uids"], b["input_ids"], b["labels"])}
+    return {int(u): (ids.tolist(), labels.tolist()) for b in batches
+            for u, ids, labels in zip(b["uids"], b["input_ids"], b["labels"], strict=True)}
 
 
 def test_masks_are_identical_for_any_workers_batch_size_and_masking_place(uneven):
@@ -105,8 +105,9 @@ def test_masks_change_every_epoch_and_keep_labels_consistent(uneven):
 
 
 def test_static_dataset_uses_stored_copy_epoch_mod_k(tmp_path, data_dir):
-    from maskstream.loader import masking
     from helpers import VOCAB
+
+    from maskstream.loader import masking
     root = build_dataset(tmp_path / "static", [[40, 24], [30]], static_copies=2, seed=7)
     loader = MLMLoader(root, LoaderConfig(batch_size=8, seed=7))
     epochs = [per_uid_masks(collect(loader)) for _ in range(3)]

@@ -3,11 +3,11 @@ import json
 import pickle
 
 import pytest
+from helpers import collect, read_tar, rewrite_shard
 
 from maskstream.loader import format as fmt
 from maskstream.loader.storage import SourceError
 from maskstream.loader.stream import LoaderConfig, MLMLoader
-from helpers import collect, read_tar, rewrite_shard
 
 
 class WritesMarker:
@@ -33,6 +33,7 @@ def test_pickle_members_are_refused_and_never_run(uneven, tmp_path, suffix):
 
 def test_a_pickled_object_array_inside_an_npy_member_is_refused(uneven, tmp_path):
     import io
+
     import numpy as np
     marker = tmp_path / "marker"
     buf = io.BytesIO()

@@ -52,9 +52,11 @@ class _Fussy:
 def test_a_document_the_tokenizer_raises_on_is_a_tokenize_error_and_its_group_still_tokenized():
     docs = [readers.Doc("f", 0, 0, 0, "fine"), readers.Doc("f", 1, 0, 0, "go "), readers.Doc("f", 1, 1, 0, "boom"),
             readers.Doc("f", 2, 0, 0, "also fine")]
-    (tokdocs, rejects), (other, none) = transforms.tokenize_or_reject(_Fussy(), [docs, [readers.Doc("g", 0, 0, 0, "x")]])
+    groups = [docs, [readers.Doc("g", 0, 0, 0, "x")]]
+    (tokdocs, rejects), (other, none) = transforms.tokenize_or_reject(_Fussy(), groups)
     assert [(t.position, len(t.ids)) for t in tokdocs] == [(0, 4), (2, 9)]
-    assert [(r.position, r.reason, r.detail) for r in rejects] == [(1, "tokenize_error", "ValueError: cannot encode boom")]
+    got = [(r.position, r.reason, r.detail) for r in rejects]
+    assert got == [(1, "tokenize_error", "ValueError: cannot encode boom")]
     assert [t.source for t in other] == ["g"] and none == []
 
 

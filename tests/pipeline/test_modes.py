@@ -55,10 +55,11 @@ def test_several_groups_in_one_encode_call_equal_one_call_per_group(bert_json, s
               for g in range(3)]
     groups[1].append(readers.Doc("f", 19, 0, 1, "\u200b"))       # no tokens: rejected in its own group
     together = packing.tokenize_groups(encoder, groups)
-    for docs, (tokdocs, rejects) in zip(groups, together):
+    for docs, (tokdocs, rejects) in zip(groups, together, strict=False):
         alone, alone_rejects = packing.tokenize_group(encoder, docs)
         assert [d.position for d in tokdocs] == [d.position for d in alone] and rejects == alone_rejects
-        assert all((a.ids == b.ids).all() and (a.word_starts == b.word_starts).all() for a, b in zip(tokdocs, alone))
+        assert all((a.ids == b.ids).all() and (a.word_starts == b.word_starts).all()
+                   for a, b in zip(tokdocs, alone, strict=False))
     assert [r.position for r in together[1][1]] == [19]
 
 
@@ -109,8 +110,8 @@ def test_tokenizer_read_by_path_must_not_change_while_the_job_runs(bert_json, tm
 
 
 @pytest.mark.slow
-def test_local_runs_on_local_text_files_leave_beams_cloud_clients_and_pyarrow_unloaded(sotu_subset, bert_json, tmp_path, hashes,
-                                                                       job):
+def test_local_runs_on_local_text_files_leave_beams_cloud_clients_and_pyarrow_unloaded(
+        sotu_subset, bert_json, tmp_path, hashes, job):
     base = ["--input", str(sotu_subset), "--tokenizer", str(bert_json)]
     assert pipeline_run.unneeded_packages([*base, "--output", "out"]) == (*pipeline_run.CLOUD_CLIENTS, "pyarrow")
     assert pipeline_run.unneeded_packages([*base, "--input", "x/*", "--output", "o"]) == pipeline_run.CLOUD_CLIENTS

@@ -6,15 +6,14 @@ import json
 import subprocess
 
 import apache_beam as beam
-
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from helpers import read_sequences
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
+from helpers import read_sequences
 
 from maskstream.loader import format as fmt
 from maskstream.loader.masking import MaskingConfig, mask_batch
@@ -143,9 +142,10 @@ def test_multi_threading_mode_is_refused(tmp_path, bert_json, sotu_subset, job):
 
 
 def test_cli_trains_a_bpe_tokenizer_then_preprocesses_parquet_with_it(sotu_subset, tmp_path):
-    import maskstream.cli
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    import maskstream.cli
     texts = [json.loads(line)["text"] for line in sotu_subset.read_text().splitlines()]
     pq.write_table(pa.table({"body": texts}), tmp_path / "sotu.parquet")
     tok = tmp_path / "bpe.json"

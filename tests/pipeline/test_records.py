@@ -95,7 +95,7 @@ def test_word_starts_follow_word_ids_of_the_tokenizer(bert_json):
     tok, _, _ = load_tokenizer(str(bert_json))
     enc = tok.encode("Unbelievable tokenization, 中文", add_special_tokens=False)
     starts = word_starts_from_ids(enc.word_ids)
-    pieces = [t for t, s in zip(enc.tokens, starts) if not s]
+    pieces = [t for t, s in zip(enc.tokens, starts, strict=False) if not s]
     assert pieces and all(t.startswith("##") for t in pieces)   # continuation pieces only
     assert starts[enc.tokens.index("中")] and starts[enc.tokens.index("文")]   # CJK characters split
 
@@ -137,9 +137,9 @@ def test_packing_gives_exact_length_sequences_with_specials_and_counted_tails(mo
     batch, stats = packing.pack_group(docs, packing=mode, seq_len=8, info=_Info, key=b"k" * 16, dtype=np.uint16)
     assert batch.tokens.shape[1] == 8 and batch.tokens.dtype == np.uint16
     assert (batch.tokens[:, 0] == 101).all()
-    for row, n in zip(batch.tokens, batch.lengths):
+    for row, n in zip(batch.tokens, batch.lengths, strict=False):
         assert row[n - 1] == 102 and (row[n:] == 0).all()
-    content = np.concatenate([row[1:n - 1] for row, n in zip(batch.tokens, batch.lengths)])
+    content = np.concatenate([row[1:n - 1] for row, n in zip(batch.tokens, batch.lengths, strict=False)])
     expected = [d.ids for d in docs]
     if mode == "full":   # documents joined by the separator, cut anywhere
         expected = [expected[0], [102], expected[1], [102], expected[2]]

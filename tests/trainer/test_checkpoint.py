@@ -46,7 +46,8 @@ def test_save_writes_a_sha256_sidecar_and_restore_is_exact(tmp_path):
     Checkpointer(tmp_path, fresh, keep=3).restore(state, found)
     assert found == path and state["config"] == {"note": "step 3"} and fresh["counters"]["step"] == 3
     assert torch.equal(fresh["model"].weight, p["model"].weight)
-    assert fresh["optimizer"].state_dict()["state"][0]["exp_avg"].equal(p["optimizer"].state_dict()["state"][0]["exp_avg"])
+    exp_avg = p["optimizer"].state_dict()["state"][0]["exp_avg"]
+    assert fresh["optimizer"].state_dict()["state"][0]["exp_avg"].equal(exp_avg)
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "no checksum"])
