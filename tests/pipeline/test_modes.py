@@ -41,6 +41,17 @@ def test_hidden_packages_and_quiet_logging_are_undone_after_the_block():
     assert sys.meta_path == finders and logging.root.manager.disable == disabled
 
 
+def test_package_hiding_steps_aside_with_a_warning_on_a_beam_release_it_was_not_measured_on(monkeypatch):
+    import sys
+    assert local_runner.beam_is_tested()      # the pinned release
+    monkeypatch.setattr(local_runner, "beam_version", lambda: "9.0.0")
+    finders = list(sys.meta_path)
+    with pytest.warns(RuntimeWarning, match="apache-beam 9.0.0"):
+        with local_runner.hidden_packages(("maskstream_no_such_pkg",)):
+            assert sys.meta_path == finders   # nothing hidden: every package imports as usual
+    assert sys.meta_path == finders
+
+
 def test_local_mode_contradicting_beams_running_mode_is_refused():
     with pytest.raises(ValueError, match="contradicts"):
         pipeline_run.pipeline_options(["--direct_running_mode=multi_processing"], local_mode="in_memory")
