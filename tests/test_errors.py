@@ -36,11 +36,14 @@ def preprocess(tokenizer, output, *flags, inputs=(GOLDEN,)):
 
 @pytest.fixture(scope="module")
 def datasets(bert_tokenizer_file, tmp_path_factory):
-    """Two small datasets of the golden SOTU sample: seq_len 64 and 128."""
+    """Small datasets of the golden SOTU sample: seq_len 64 and 128, and 64 with another tokenizer file."""
     root = tmp_path_factory.mktemp("errors")
     for seq_len in (64, 128):
         pipeline_run.run(preprocess(bert_tokenizer_file, root / f"ds{seq_len}", "--seq-len", seq_len)[1:])
-    return root / "ds64", root / "ds128"
+    other = root / "other-tokenizer.json"     # the same vocabulary written out again: another file, another hash
+    other.write_text(json.dumps(json.loads(bert_tokenizer_file.read_text()), indent=1))
+    pipeline_run.run(preprocess(other, root / "ds64-other", "--seq-len", 64)[1:])
+    return root / "ds64", root / "ds128", root / "ds64-other"
 
 
 # ---- preprocess: flags, tokenizer, inputs ------------------------------------------------------------------
@@ -144,13 +147,19 @@ def test_train_batch_larger_than_the_dataset(capsys, datasets, tmp_path):
 
 
 def test_held_out_data_longer_than_the_model(capsys, datasets, tmp_path):
-    ds64, ds128 = datasets
+    ds64, ds128, _ = datasets
     line = refused(capsys, *train(ds64, tmp_path / "run", "--eval-data", ds128))
     assert "128 tokens" in line and "--model-size tiny" in line and "--seq-len 64" in line
 
 
+def test_held_out_data_of_another_tokenizer_is_refused_naming_both(capsys, datasets, tmp_path):
+    ds64, _, other = datasets
+    line = refused(capsys, *train(ds64, tmp_path / "run", "--eval-data", other))
+    assert "--eval-data" in line and "same --tokenizer" in line and f"--data {ds64}" in line
+
+
 def test_run_folder_resume_and_evaluate(capsys, datasets, tmp_path):
-    ds64, ds128 = datasets
+    ds64, ds128, other = datasets
     run = tmp_path / "run"
     assert "holds no checkpoint" in refused(capsys, *train(ds64, run, "--resume"))
     assert cli.main(list(map(str, train(ds64, run, "--resume", "auto")))) == 0
@@ -158,6 +167,11 @@ def test_run_folder_resume_and_evaluate(capsys, datasets, tmp_path):
     assert "already holds checkpoints" in refused(capsys, *train(ds64, run))
     line = refused(capsys, "evaluate", "--run", run, "--data", ds128)
     assert "128 tokens" in line and "at most 64" in line
+    line = refused(capsys, *train(other, run, "--resume"))
+    assert "was made with tokenizer sha256" in line and "the checkpoint" in line
+    for flags in (["--data", other], ["--data", ds64, "--baseline-data", other]):
+        line = refused(capsys, "evaluate", "--run", run, *flags)
+        assert "was made with tokenizer sha256" in line and f"the run {run}" in line
 
 
 # ---- --debug, and what is not a user error ------------------------------------------------------------------

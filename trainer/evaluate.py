@@ -33,6 +33,15 @@ def eval_loader(data: str, *, batch_size: int, rank: int = 0, world: int = 1, de
     return MLMLoader(data, cfg, rank=rank, world_size=world, device=device)
 
 
+def check_tokenizer(expected: dict | None, source: str, loader: MLMLoader, what: str) -> None:
+    """Refuse data made with another tokenizer than the run's (compared by the tokenizer file's sha256)."""
+    want = (expected or {}).get("sha256")
+    got = (loader.index.get("tokenizer") or {}).get("sha256")
+    if want and got and want != got:
+        raise UserError(f"{what} {loader.root} was made with tokenizer sha256 {got[:12]}…, but {source} uses "
+                        f"{want[:12]}…; preprocess it with the same --tokenizer")
+
+
 @torch.no_grad()
 def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, world: int = 1,
              max_batches: int = 0) -> dict:
@@ -150,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
-    model, _ = load_run(a.run, device=a.device)
+    model, config = load_run(a.run, device=a.device)
+    run_tokenizer = config.get("dataset", {}).get("tokenizer")
     held_out = eval_loader(a.data, batch_size=a.batch_size, device=a.device)
+    check_tokenizer(run_tokenizer, f"the run {a.run}", held_out, "--data")
     if held_out.seq_len > model.config.max_len:
         raise UserError(f"--data {a.data} holds sequences of {held_out.seq_len} tokens but the model of {a.run} "
                         f"accepts at most {model.config.max_len}; preprocess it with --seq-len "
@@ -160,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.baseline_data:
         train = MLMLoader(a.baseline_data, LoaderConfig(batch_size=a.batch_size, remainder="wrap"),
                           device=a.device)
+        check_tokenizer(run_tokenizer, f"the run {a.run}", train, "--baseline-data")
         result["unigram"] = unigram_baseline(train, held_out)
     print(json.dumps(result, indent=2))
     return 0

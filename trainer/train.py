@@ -266,6 +266,7 @@ def build(cfg: TrainConfig) -> Run:
         eval_loader = evaluate.eval_loader(cfg.eval_data, batch_size=cfg.batch_size, rank=rank, world=world,
                                            device=str(device))
         check_length(cfg, eval_loader, model_cfg.max_len, "--eval-data")
+        evaluate.check_tokenizer(loader.index.get("tokenizer"), f"--data {cfg.data}", eval_loader, "--eval-data")
     run = Run(cfg=cfg, rank=rank, world=world, device=device, loader=loader, model=model, raw_model=raw,
               optimizer=optimizer, scheduler=scheduler, total_steps=total, eval_loader=eval_loader)
     out = Path(cfg.out)
@@ -303,6 +304,8 @@ def resume(run: Run) -> None:
         return
     path, ckpt = found
     saved = ckpt["config"]
+    evaluate.check_tokenizer(saved.get("dataset", {}).get("tokenizer"), f"the checkpoint {path}", run.loader,
+                             "--data")
     if saved["model"] != run.raw_model.config.to_dict():
         raise UserError(f"{path} holds a {saved['train']['model_size']} model with a different shape than "
                         f"--model-size {run.cfg.model_size}; resume with the run's own flags")
