@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
                    help="file or glob, local or gs:// s3:// (repeatable); .txt .jsonl .parquet, optionally .gz")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (see `maskstream tokenizer`)")
     p.add_argument("--output", required=True, help="output folder or URL prefix")
+    p.add_argument("--source-id", "--source_id", action="append", default=None, metavar="ID",
+                   help="a name keying the uids of one --input's files, once per --input in order (default: each "
+                        "file's path below its input's folder, so the bytes do not depend on where the corpus lies)")
     p.add_argument("--text-field", "--text-column", "--text_field", "--text_column", dest="text_field", default="text",
                    help="JSONL field / Parquet column holding the text (default: text)")
     p.add_argument("--text-mode", "--text_mode", choices=TEXT_MODES, default="line",
@@ -154,7 +157,7 @@ def prepare(args):
     if config.pack.seq_len <= len(info.prefix) + len(info.suffix):
         raise UserError(f"--seq-len {config.pack.seq_len} leaves no room between the tokenizer's specials; "
                         "pass a larger --seq-len, e.g. 128")
-    inputs = expand_inputs(config.source.inputs)
+    inputs = expand_inputs(config.source.inputs, config.source.source_ids)
     return config, info, text, inputs
 
 
@@ -201,7 +204,7 @@ def run(argv=None) -> dict:
     check_beam_flags(beam_args)
     config, info, text, inputs = prepare(args)
     options, runner = pipeline_options(beam_args, local_mode=args.local_mode,
-                                       input_bytes=sum(n for _, n in inputs))
+                                       input_bytes=sum(f.size for f in inputs))
     from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions, TestOptions
     threads = runner is not None and options.view_as(DirectOptions).direct_running_mode == "in_memory"
     builds_only = options.view_as(TestOptions).dry_run or options.view_as(GoogleCloudOptions).template_location
@@ -214,7 +217,7 @@ def run(argv=None) -> dict:
         logging.info("removed %d files of an earlier run from %s", len(removed), config.shard.output)
     start = time.perf_counter()
     if not args.quiet:
-        print(f"preprocess: {len(inputs)} file(s), {sum(n for _, n in inputs) / 1e6:.1f} MB -> "
+        print(f"preprocess: {len(inputs)} file(s), {sum(f.size for f in inputs) / 1e6:.1f} MB -> "
               f"{config.shard.output}", file=sys.stderr, flush=True)
     p = beam.Pipeline(runner=runner, options=options) if runner else beam.Pipeline(options=options)
     local_path = os.path.abspath(args.tokenizer) if "://" not in args.tokenizer else args.tokenizer

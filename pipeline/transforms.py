@@ -38,19 +38,20 @@ class _ReadFile(beam.DoFn):
         self.read = Metrics.counter(NS, "documents_read")
         self.bytes = Metrics.counter(NS, "bytes_read")
 
-    def process(self, path):
+    def process(self, file):
+        path, key = file
         n = size = 0
-        for group in readers.iter_raw_groups(path, self.source):
+        for group in readers.iter_raw_groups(path, self.source, key):
             n += len(group)
             size += sum(len(r.data) if isinstance(r.data, (bytes, str)) else 1 for r in group)
-            yield (path, group[0].group), group
+            yield (key, group[0].group), group
         self.read.inc(n)
         self.bytes.inc(size)
         yield beam.pvalue.TaggedOutput(STATS, {"documents_read": n, "bytes_read": size, "files": 1})
 
 
 class ReadDocuments(beam.PTransform):
-    """Matched input files -> ((source, group), [Raw]) pack groups of records, plus per-file counts."""
+    """Matched input files (path, key) -> ((key, group), [Raw]) pack groups of records, plus per-file counts."""
     def __init__(self, files: list[str], source):
         super().__init__()
         self.files, self.source = files, source
@@ -334,7 +335,7 @@ def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]]
     threads: the job runs in one process (local in_memory mode), so the tokenizer may use every core.
     tokenizer_path: where workers can read tokenizer_json themselves (the local runner); None: carried inline."""
     tokenizer = TokenizerRef.of(tokenizer_json, path=tokenizer_path)
-    read = p | "ReadDocuments" >> ReadDocuments([path for path, _ in inputs], config.source)
+    read = p | "ReadDocuments" >> ReadDocuments([(f.path, f.key) for f in inputs], config.source)
     clean = read.records | "Clean" >> Clean(config.source)
     tok = clean.docs | "Tokenize" >> Tokenize(tokenizer, threads=threads)
     packed = tok.tokdocs | "Pack" >> Pack(config.pack, info, config.data_hash())

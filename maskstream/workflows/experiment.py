@@ -27,13 +27,17 @@ _PIPELINE_FLAGS = {
 
 
 def static_twin(data: Path, out: Path, copies: int) -> Path:
-    """Re-run the Beam job that made `data` with --masking static --static-copies K: same sequences, same uids."""
+    """Re-run the Beam job that made `data` with --masking static --static-copies K: the same sequences (the
+    uids differ: the masking is part of the data hash)."""
     from maskstream.pipeline import run as beam_job
 
     index = json.loads((data / "index.json").read_text())
     config = index["config"]
+    # NOTE: index.json records local inputs and the tokenizer as absolute paths, so this works from any folder
     argv = ["--input", *config["source"]["inputs"], "--tokenizer", config["tokenize"]["tokenizer"],
             "--output", str(out), "--masking", "static", "--static-copies", str(copies)]
+    for source_id in config["source"].get("source_ids", ()):
+        argv += ["--source-id", source_id]
     for flag, (section, key) in _PIPELINE_FLAGS.items():
         argv += [flag, str(config[section][key])]
     beam_job.run(argv)
