@@ -223,8 +223,9 @@ def run(argv=None) -> dict:
     local_path = os.path.abspath(args.tokenizer) if "://" not in args.tokenizer else args.tokenizer
     transforms.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs, threads=threads,
                  tokenizer_path=local_path if runner is not None else None)   # local workers read it themselves
-    with progress.Bar(None, enabled=runner is not None and not args.quiet and sys.stderr.isatty(),
-                      desc="tokenized chars"):
+    from maskstream.pipeline.readers import text_size
+    with progress.Bar(sum(text_size(f.path, f.size) for f in inputs), enabled=runner is not None and not args.quiet,
+                      desc="read"):
         result = p.run()
         result.wait_until_finish()
     if builds_only:

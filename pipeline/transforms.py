@@ -38,12 +38,16 @@ class _ReadFile(beam.DoFn):
         self.read = Metrics.counter(NS, "documents_read")
         self.bytes = Metrics.counter(NS, "bytes_read")
 
+    def setup(self):
+        self.progress = progress.Reporter()   # local runner only: input bytes read, for the launcher's bar
+
     def process(self, file):
         path, key = file
         n = size = 0
         for group in readers.iter_raw_groups(path, self.source, key):
             n += len(group)
             size += sum(len(r.data) if isinstance(r.data, (bytes, str)) else 1 for r in group)
+            self.progress.add(sum(readers.record_bytes(r) for r in group))
             yield (key, group[0].group), group
         self.read.inc(n)
         self.bytes.inc(size)
@@ -114,7 +118,6 @@ class _Tokenize(beam.DoFn):
         from maskstream.pipeline.tokenizer import tokenizer_from_json
         self.encoder = Encoder(tokenizer_from_json(self.tokenizer.text()))
         self.ahead = ThreadPoolExecutor(AHEAD, thread_name_prefix="tokenize") if self.threads else None
-        self.progress = progress.Reporter()   # local runner only
 
     def teardown(self):
         if getattr(self, "ahead", None) is not None:
@@ -143,7 +146,6 @@ class _Tokenize(beam.DoFn):
             self.buffer, self.buffered = [], 0
         while len(self.pending) > (0 if last or self.ahead is None else AHEAD):
             buffer, results, done = self.pending.popleft().result()
-            self.progress.add(done)
             for (key, _), (tokdocs, rejects) in zip(buffer, results, strict=False):
                 for r in rejects:
                     self.rejected[r.reason].inc()
