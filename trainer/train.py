@@ -437,7 +437,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
         paused = time.perf_counter()  # evaluation and checkpoint time is left out of tokens/s
         if run.eval_loader is not None and (done or (cfg.eval_every and run.step % cfg.eval_every == 0)):
             last_eval = evaluate.evaluate(run.raw_model, run.eval_loader, device=device, world=run.world,
-                                          max_batches=cfg.eval_batches)
+                                          max_batches=cfg.eval_batches, progress=cfg.progress and run.rank == 0)
             log_line(run, {"step": run.step, "epoch": round(epoch_of(run), 4),
                            **{f"eval_{k}": v for k, v in last_eval.items()}})
             bar.write(f"step {run.step}: held-out loss {last_eval['loss']:.3f}  "
