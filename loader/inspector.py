@@ -130,9 +130,10 @@ def main(argv=None) -> int:
     p = Parser(prog="maskstream inspect", description=__doc__)
     p.add_argument("dataset", help="shard folder or URL prefix holding index.json")
     p.add_argument("--verify", action="store_true", help="check sha256, size and counts of every shard")
-    p.add_argument("--show", type=int, metavar="N", help="print N sequences as text, their masks marked")
+    p.add_argument("--show", type=int, metavar="N", help="print N sequences as text, their masks marked "
+                   "(default: none; without --show, --verify or --dump-masks: the summary)")
     p.add_argument("--dump-masks", metavar="FILE", help="write uid (16 hex digits), input_ids, labels per sequence "
-                   "as JSON lines")
+                   "as JSON lines (default: no dump)")
     p.add_argument("--epoch", type=int, default=0, help="epoch whose order and masks to use")
     p.add_argument("--seed", type=int, default=0, help="loader seed (order and dynamic masks)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (the output does not change)")

@@ -28,6 +28,7 @@ import sys
 import time
 
 from maskstream.errors import UserError
+from maskstream.flags import Parser
 from maskstream.pipeline.config import MASKINGS, PACKINGS, TEXT_MODES, config_from_args
 from maskstream.pipeline.local_runner import hidden_packages, local_runner, logging_disabled
 from maskstream.pipeline.tokenizer import load_tokenizer
@@ -38,10 +39,10 @@ AUTO_IN_MEMORY_CORES = 2               # auto: one process with Rust threads up 
 AUTO_IN_MEMORY_BYTES = 64 << 20        # ... or for inputs up to this size on more cores
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> Parser:
     # NOTE: each hyphenated flag also has an underscore spelling, the form Dataflow flex templates pass.
-    p = argparse.ArgumentParser(prog="maskstream preprocess", description=__doc__.split("\n")[0],
-                                epilog="Unknown flags go to Beam's PipelineOptions (e.g. --runner, --project).")
+    p = Parser(prog="maskstream preprocess", description=__doc__.split("\n")[0],
+               epilog="Unknown flags go to Beam's PipelineOptions (e.g. --runner, --project).")
     p.add_argument("--input", action="extend", nargs="+", required=True,
                    help="file or glob, local or gs:// s3:// (repeatable); .txt .jsonl .parquet, optionally .gz")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (see `maskstream tokenizer`)")
@@ -50,21 +51,24 @@ def parser() -> argparse.ArgumentParser:
                    help="a name keying the uids of one --input's files, once per --input in order (default: each "
                         "file's path below its input's folder, so the bytes do not depend on where the corpus lies)")
     p.add_argument("--text-field", "--text-column", "--text_field", "--text_column", dest="text_field", default="text",
-                   help="JSONL field / Parquet column holding the text (default: text)")
+                   help="JSONL field / Parquet column holding the text")
     p.add_argument("--text-mode", "--text_mode", choices=TEXT_MODES, default="line",
                    help="text files: a document per line, or per blank-line separated paragraph")
-    p.add_argument("--seq-len", "--seq_len", type=int, default=128)
+    p.add_argument("--seq-len", "--seq_len", type=int, default=128,
+                   help="tokens per sequence, the tokenizer's specials included")
     p.add_argument("--packing", choices=PACKINGS, default="full",
                    help="full: documents concatenated (RoBERTa); doc: a sequence never crosses a document")
     p.add_argument("--masking", choices=MASKINGS, default="dynamic",
                    help="dynamic: the loader masks every epoch; static: K masks stored per sequence")
     p.add_argument("--static-copies", "--static_copies", type=int, default=None,
                    help="K, with --masking static (default 10)")
-    p.add_argument("--mask-prob", "--mask_prob", type=float, default=0.15)
-    p.add_argument("--selection", choices=("token", "word", "span"), default="token")
+    p.add_argument("--mask-prob", "--mask_prob", type=float, default=0.15,
+                   help="share of tokens masked (recorded in index.json; used for static masks)")
+    p.add_argument("--selection", choices=("token", "word", "span"), default="token",
+                   help="what a mask covers: single tokens, whole words, or spans of words")
     p.add_argument("--whole-word", "--whole_word", action="store_true", help="same as --selection word")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-shards", "--num_shards", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="keys the static masks")
+    p.add_argument("--num-shards", "--num_shards", type=int, default=8, help="shard files to write")
     p.add_argument("--block-bytes", "--block_bytes", type=int, default=256 * 1024, help="token bytes per tar record")
     p.add_argument("--max-doc-chars", "--max_doc_chars", type=int, default=1_000_000,
                    help="longer documents are split into parts before tokenizing (never a crash)")
@@ -73,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local-mode", "--local_mode", choices=LOCAL_MODES, default="auto",
                    help="local runner only: in_memory (one process, the tokenizer's Rust threads on every core), "
                         "multi_processing (a Beam worker process per core), or auto (see the module doc)")
-    p.add_argument("--quiet", action="store_true", help="no summary")
+    p.add_argument("--quiet", action="store_true", help="no progress and no summary")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what --output holds when it is another dataset or holds files not its own")
     return p

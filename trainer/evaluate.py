@@ -196,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--data {a.data} holds sequences of {held_out.seq_len} tokens but the model of {a.run} "
                         f"accepts at most {model.config.max_len}; preprocess it with --seq-len "
                         f"{model.config.max_len} or less")
-    result = {"run": a.run, "data": a.data, **evaluate(model, held_out, device=torch.device(a.device),
-                                                     progress=not a.json)}
-    rows = []
-    if a.baseline_data:
+    train = None
+    if a.baseline_data:   # checked before anything is computed
         train = MLMLoader(a.baseline_data, LoaderConfig(batch_size=a.batch_size, remainder="wrap"),
                           device=a.device)
         check_tokenizer(run_tokenizer, f"the run {a.run}", train, "--baseline-data")
+    result = {"run": a.run, "data": a.data, **evaluate(model, held_out, device=torch.device(a.device),
+                                                     progress=not a.json)}
+    rows = []
+    if train is not None:
         base = unigram_baseline(train, held_out, progress=not a.json)
         tokenizer = load_tokenizer(a.run) if (Path(a.run) / "tokenizer.json").is_file() else None
         base["token"] = token_text(tokenizer, base["token_id"]) if tokenizer else f"#{base['token_id']}"

@@ -6,7 +6,6 @@ accuracy beside the unigram baseline (always predicting the most frequent traini
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import json
@@ -14,6 +13,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from maskstream.flags import Parser
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "sotu.jsonl.gz"   # the repository's data/
 SENTENCES = (
@@ -89,10 +90,10 @@ def preprocess(corpus: Path, tokenizer: Path, output: Path, cfg: DemoConfig, qui
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="maskstream demo", description=__doc__.splitlines()[0])
+    p = Parser(prog="maskstream demo", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a tiny version (about a minute), for the tests")
-    p.add_argument("--out", default="demo-run", help="work folder (default: ./demo-run), replaced")
-    p.add_argument("--steps", type=int, default=0, help="training steps (default: the mode's)")
+    p.add_argument("--out", default="demo-run", help="work folder, replaced")
+    p.add_argument("--steps", type=int, default=0, help="training steps; 0: the mode's (1,500, or 40 with --quick)")
     a = p.parse_args(argv)
     import logging
     logging.getLogger("apache_beam").setLevel(logging.ERROR)  # the local runner's worker start-up chatter

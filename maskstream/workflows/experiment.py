@@ -10,11 +10,12 @@ Without --data, everything is built from the bundled corpus (as the demo does).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
+
+from maskstream.flags import Parser
 
 # pipeline flag <- index.json config path
 _PIPELINE_FLAGS = {
@@ -96,17 +97,18 @@ def plot(out: Path, runs: dict[str, Path]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="maskstream experiment", description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=["static-vs-dynamic"])
+    p = Parser(prog="maskstream experiment", description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=["static-vs-dynamic"], help="the experiment to run")
     p.add_argument("--data", default=None, help="dynamic training shards (default: build from the bundled corpus)")
-    p.add_argument("--eval-data", default=None, help="held-out shards (required with --data)")
-    p.add_argument("--out", default="experiment-run")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--eval-data", default=None, help="held-out shards (required with --data; default: built "
+                   "from the bundled corpus)")
+    p.add_argument("--out", default="experiment-run", help="work folder: shards, both runs, the plot")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of each run")
     p.add_argument("--static-copies", type=int, default=2, help="K static masks (BERT: 10 over 40 epochs)")
-    p.add_argument("--model-size", default="tiny")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-size", default="tiny", help="encoder preset of both runs")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="initial weights, data order and masks of both runs")
     p.add_argument("--evals", type=int, default=6, help="held-out evaluations along each run")
     a = p.parse_args(argv)
     if a.data and not a.eval_data:
