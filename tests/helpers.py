@@ -170,7 +170,7 @@ def collect(loader, *, limit=None) -> list[dict]:
     """The loader's batches as CPU tensors (a whole epoch, or the first `limit`)."""
     out = []
     for batch in loader:
-        out.append({k: v.cpu() for k, v in batch.items()})
+        out.append({k: v.cpu() if hasattr(v, "cpu") else v for k, v in batch.items()})  # max_seqlen: an int
         if limit is not None and len(out) == limit:
             break
     return out
