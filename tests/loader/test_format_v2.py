@@ -138,7 +138,7 @@ def test_document_fields_restart_positions_and_mark_padding():
     assert ids.dtype == np.int32 and positions.dtype == np.int64
     assert ids.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, -1, -1, -1]]
     assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]]
-    cu, longest = varlen_fields(ids)
+    cu, longest = varlen_fields(starts, np.array([8, 5]))
     assert cu.dtype == np.int32 and cu.tolist() == [0, 3, 6, 8, 13, 16] and longest == 5
 
 
