@@ -154,7 +154,8 @@ def test_v1_datasets_read_with_a_warning_and_one_document_per_sequence(tmp_path)
         assert (b["document_ids"][real] == 0).all() and (b["document_ids"][~real] == -1).all()
         assert (b["position_ids"] == np.arange(64)).all()
         assert b["cu_seqlens"][-1] == 10 * 64 and b["max_seqlen"] <= 64
-    assert inspect_main([str(root), "--verify"]) == 0
+    with pytest.warns(fmt.OldFormatWarning):
+        assert inspect_main([str(root), "--verify"]) == 0
 
 
 def test_v2_batches_carry_document_fields_for_every_worker_count_and_mask_place(tmp_path):
