@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import collect, read_sequences, read_tar, rewrite_shard
 
 from maskstream.loader import format as fmt
@@ -168,6 +169,10 @@ def test_v2_batches_carry_document_fields_for_every_worker_count_and_mask_place(
     subprocess.run([sys.executable, "-m", "maskstream.pipeline.run", "--input", str(inputs), "--tokenizer",
                     str(V1.parents[2] / "data" / "tokenizers" / "bert-base-uncased.json"), "--output", str(out),
                     "--seq-len", "64", "--num-shards", "2", "--quiet"], check=True)
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(V1.parents[2] / "data" / "tokenizers" / "bert-base-uncased.json"))
+    docs = [",".join(map(str, tok.encode(json.loads(line)["text"], add_special_tokens=False).ids)) + ","
+            for line in inputs.read_text().splitlines()]
     seen = []
     for cfg in (LoaderConfig(batch_size=10, varlen=True), LoaderConfig(batch_size=10, varlen=True, num_workers=2,
                                                                        mask_on="worker")):
@@ -177,5 +182,16 @@ def test_v2_batches_carry_document_fields_for_every_worker_count_and_mask_place(
     assert seen[0] == seen[1]
     ids = np.concatenate([np.array(b[1]) for b in seen[0]])
     assert ids.max() >= 1, "3 addresses packed together: some row holds a document start"
+    segments = 0
+    for b in batches:  # every document segment of every row is a piece of exactly one document fed in
+        tokens = torch.where(b["labels"] != -100, b["labels"], b["input_ids"])
+        for row, doc in zip(tokens.tolist(), b["document_ids"].tolist(), strict=True):
+            for d in range(max(doc) + 1):
+                piece = [t for t, i in zip(row, doc, strict=True) if i == d and t not in (0, 101, 102)]
+                text = ",".join(map(str, piece)) + ","
+                found = sum(x.startswith(text) or "," + text in x for x in docs)
+                assert found == 1 or found > 1 and len(piece) < 8, (piece, found)  # [CLS][SEP]: found 3
+                segments += 1
+    assert segments == len(ids) + int((np.diff(ids, axis=1) == 1).sum())
     rows = lambda root: sorted(t[0][:t[2]].tobytes() for t in read_sequences(root).values())  # noqa: E731
     assert rows(out) == rows(V1), "the same sequences as the v1 run of the same input"
