@@ -22,7 +22,7 @@ import torch
 
 from maskstream.bench.common import Row, timed
 from maskstream.loader import format as fmt
-from maskstream.loader import masking
+from maskstream.loader import masking, stages
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,12 +109,29 @@ def format_v2_rows(root: Path, repeat: int) -> list[Row]:
     print("format v2, workers=0, median of " + str(repeat) + ": " +
           ", ".join(f"{name} {v / 1e6:.2f}M tok/s" for name, v in speed.items()))
     default = speed["v2 default"]
+    print_v2_costs(root, per_batch_s=BATCH * SEQ_LEN / speed["v1 batch"])
     return [Row(area="loader", name="record checksums on (default) vs off", value=default, unit="tokens/s",
                 anchor="checks off", anchor_value=speed["checks off"], target=">= 0.95x"),
             Row(area="loader", name="document ids on (default) vs v1 batch", value=default, unit="tokens/s",
                 anchor="documents=False", anchor_value=speed["v1 batch"], target=">= 0.9x"),
             Row(area="loader", name="varlen (cu_seqlens) vs v1 batch", value=speed["varlen"], unit="tokens/s",
                 anchor="documents=False", anchor_value=speed["v1 batch"], target=">= 0.9x")]
+
+
+def print_v2_costs(root: Path, per_batch_s: float) -> None:
+    """The same costs timed alone (less noisy than whole epochs): one record's checksum, one batch's document
+    fields and varlen fields, as shares of a batch's time in the v1-batch loader."""
+    index = fmt.read_index((root / fmt.INDEX_FILE).read_bytes())
+    entry = index["shards"][0]
+    record = (root / entry["name"]).read_bytes()[entry["records"][0][0]:entry["records"][1][0]]
+    per_record = -(-entry["records"][0][1] // BATCH)  # batches one record feeds
+    _, _, doc_starts = pack_corpus(40)
+    starts, lengths = doc_starts[:BATCH], np.full(BATCH, SEQ_LEN)
+    costs = {"record checksum": timed(lambda: fmt.record_checksum(record), repeat=50) / per_record,
+             "document_fields": timed(lambda: stages.document_fields(starts, lengths), repeat=50),
+             "varlen_fields": timed(lambda: stages.varlen_fields(starts, lengths), repeat=50)}
+    print("format v2 costs per batch: " + ", ".join(f"{k} {v * 1e6:.0f} us ({v / per_batch_s:.1%})"
+                                                     for k, v in costs.items()))
 
 
 def plain_rand_masking(tokens: torch.Tensor, special: torch.Tensor, p: float = 0.15):
