@@ -195,3 +195,13 @@ def test_v2_batches_carry_document_fields_for_every_worker_count_and_mask_place(
     assert segments == len(ids) + int((np.diff(ids, axis=1) == 1).sum())
     rows = lambda root: sorted(t[0][:t[2]].tobytes() for t in read_sequences(root).values())  # noqa: E731
     assert rows(out) == rows(V1), "the same sequences as the v1 run of the same input"
+
+
+def test_document_fields_can_be_left_out_and_varlen_needs_them(uneven):
+    plain = collect(MLMLoader(uneven, LoaderConfig(batch_size=16, documents=False)), limit=1)[0]
+    assert set(plain) == {"input_ids", "labels", "uids", "attention_mask"}
+    full = collect(MLMLoader(uneven, LoaderConfig(batch_size=16, varlen=True)), limit=1)[0]
+    assert set(full) == set(plain) | {"document_ids", "position_ids", "cu_seqlens", "max_seqlen"}
+    assert isinstance(full["max_seqlen"], int) and full["cu_seqlens"][-1] == full["input_ids"].numel()
+    with pytest.raises(ValueError, match="varlen=True needs documents=True"):
+        LoaderConfig(varlen=True, documents=False)
