@@ -159,6 +159,7 @@ def test_v1_datasets_read_with_a_warning_and_one_document_per_sequence(tmp_path)
         assert inspect_main([str(root), "--verify"]) == 0
 
 
+@pytest.mark.slow  # a Beam job and two worker processes: ~12 s on the shared 2-core machine
 def test_v2_batches_carry_document_fields_for_every_worker_count_and_mask_place(tmp_path):
     """The v1 dataset's own input through today's job: same sequences, now with their document starts."""
     import subprocess
