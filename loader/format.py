@@ -7,7 +7,7 @@ A dataset is a folder (or URL prefix) with `index.json` and tar shards `shard-00
     lengths.npy         (B,)   uint16|uint32  real tokens per row, the rest padding; absent when all rows are full
     word_starts.npy     (B, ceil(L/8)) uint8  bit-packed word-start flags (from the tokenizer's word ids)
     uids.npy            (B,)   uint64         stable sequence ids
-    doc_starts.npy      (S,)   uint32         [v2] flat positions row * L + p where a document starts inside a
+    doc_starts.npy      (D,)   uint32         [v2] flat positions row * L + p where a document starts inside a
                                               row (p >= 1); absent when no document starts inside any row
     static_selected.npy (B, K, ceil(L/8)) uint8  [static mode] bit-packed positions chosen in copy k
     static_inputs.npy   (S,)   token dtype    [static mode] input ids at the chosen positions, in C order
@@ -15,9 +15,10 @@ A dataset is a folder (or URL prefix) with `index.json` and tar shards `shard-00
 Tar members carry fixed metadata (mtime 0, uid/gid 0, mode 0644, USTAR, no PAX header), so the same input
 and config give byte-identical shards. `index.json` is written last; a dataset without it is incomplete.
 
-Version 2 adds per record an xxh3_64 checksum of its tar bytes (`checksums` in each shard entry, beside
-`records`), checked by the loader before a record is decoded, and `doc_starts.npy`. Version 1 datasets still
-read: without record checks (a warning says so) and with each sequence one document.
+Version 2 adds per record an xxh3_64 checksum of its tar bytes [offset, next offset or the shard's end: the
+last record takes the end-of-archive marker] (`checksums` in each shard entry, beside `records`), checked by
+the loader before a record is decoded, and `doc_starts.npy`. Version 1 datasets still read: without record
+checks (a warning says so) and with each sequence one document.
 .npy members are decoded from their bytes with their header checked first (dtype, shape, payload size against
 the expected array), so no header can make the reader allocate more than the member's own bytes.
 """
