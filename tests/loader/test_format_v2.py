@@ -206,3 +206,20 @@ def test_document_fields_can_be_left_out_and_varlen_needs_them(uneven):
     assert isinstance(full["max_seqlen"], int) and full["cu_seqlens"][-1] == full["input_ids"].numel()
     with pytest.raises(ValueError, match="varlen=True needs documents=True"):
         LoaderConfig(varlen=True, documents=False)
+
+
+def test_document_starts_round_trip_and_bad_ones_are_refused():
+    block = fmt.Block(tokens=np.ones((3, 8), np.uint16), lengths=np.array([8, 8, 5], np.int32),
+                      word_starts=np.ones((3, 8), bool), uids=np.arange(3, dtype=np.uint64),
+                      doc_starts=np.zeros((3, 8), bool))
+    assert "doc_starts.npy" not in fmt.encode_block(block, vocab_size=100)  # none inside a row: no member
+    block.doc_starts[0, 3] = block.doc_starts[2, 4] = True
+    members = fmt.encode_block(block, vocab_size=100)
+    assert np.load(io.BytesIO(members["doc_starts.npy"])).tolist() == [3, 2 * 8 + 4]
+    decoded = fmt.decode_block(members, seq_len=8, vocab_size=100, sequences=3)
+    assert np.array_equal(decoded.doc_starts, block.doc_starts)
+    for flat in ([3, 2], [8], [2 * 8 + 5], [24]):  # not increasing, a row's position 0, in padding, past the end
+        buf = io.BytesIO()
+        np.save(buf, np.array(flat, np.uint32))
+        with pytest.raises(fmt.FormatError, match="doc_starts.npy"):
+            fmt.decode_block({**members, "doc_starts.npy": buf.getvalue()}, seq_len=8, vocab_size=100)
