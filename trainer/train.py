@@ -441,7 +441,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
             log_line(run, {"step": run.step, "epoch": round(epoch_of(run), 4),
                            **{f"eval_{k}": v for k, v in last_eval.items()}})
             bar.write(f"step {run.step}: held-out loss {last_eval['loss']:.3f}  "
-                      f"accuracy {last_eval['accuracy']:.3f}  perplexity {last_eval['perplexity']:.1f}")
+                      f"accuracy {last_eval['accuracy']:.1%}  perplexity {last_eval['perplexity']:.1f}")
             run.model.train()
         if done or (cfg.save_every and run.step % cfg.save_every == 0):
             run.counters.update(window_loss=loss_sum.item(), window_steps=finite_in_window)
