@@ -86,7 +86,12 @@ def peers_python(path: str | None) -> Path:
 
 
 def run_worker(python: Path, args: list[str], out: Path) -> dict:
-    subprocess.run([str(python), str(WORKER), *args, "--json", str(out)], check=True, cwd=ROOT)
+    """One peers_worker.py command; its chatter (litdata's progress bars) is shown only when it fails."""
+    proc = subprocess.run([str(python), str(WORKER), *args, "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
     return json.loads(out.read_text())
 
 
