@@ -37,7 +37,7 @@ import torch
 from maskstream.bench.bench_loader import BATCH, CORPUS, ROOT, SEQ_LEN, TOKENIZER
 from maskstream.bench.common import Row, table
 from maskstream.bench.peers_worker import measure
-from maskstream.errors import UserError
+from maskstream.errors import UserError, run_command
 from maskstream.loader import format as fmt
 from maskstream.loader.order import RecordTable
 from maskstream.loader.stages import decode_record, load_index, read_record
@@ -78,10 +78,12 @@ def export_tokens(root: str, path: Path) -> np.ndarray:
 
 
 def peers_python(path: str | None) -> Path:
+    """The peers' python: --peers-python, else .venv-peers' once `make bench-peers` has finished building it."""
     python = Path(path) if path else PEERS_PYTHON
-    if not python.exists():
-        raise UserError(f"{python} not found: the peer loaders run in their own venv; run `make bench-peers`, which "
-                        "builds .venv-peers from bench/requirements-peers.txt")
+    built = python.exists() if path else (PEERS_VENV / ".installed").exists()
+    if not built:
+        raise UserError(f"{python} not found or its venv unfinished: the peer loaders run in their own venv; run "
+                        "`make bench-peers`, which builds .venv-peers from bench/requirements-peers.txt")
     return python
 
 
@@ -309,4 +311,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("bench-peers", main))
