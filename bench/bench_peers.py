@@ -228,12 +228,20 @@ def time_ours_http(root: Path, workers: int, cache_dir: Path) -> dict:
 
 def median(results: list[dict]) -> dict:
     out = dict(results[len(results) // 2])
-    out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in results)
+    for key in ("tokens_per_s", "tokens_per_cpu_s"):
+        out[key] = statistics.median(r[key] for r in results)
     out["rounds"] = [round(r["tokens_per_s"]) for r in results]
     return out
 
 
-def rows_of(fig: dict, http: dict) -> list[Row]:
+def round_ratios(runs: dict) -> list[float]:
+    """Ours (best workers) / the best peer, within each round: contenders minutes apart see different loads."""
+    rounds = len(runs["ours", 0])
+    best = lambda names, r: max(runs[n, w][r]["tokens_per_s"] for n in names for w in WORKERS)  # noqa: E731
+    return [best(["ours"], r) / best(PEERS, r) for r in range(rounds)]
+
+
+def rows_of(fig: dict, cpu: dict, http: dict) -> list[Row]:
     def name(key):
         peer, w = key
         how = "unmasked (torch.stack)" if peer.endswith(" unmasked") else "+ HF collator"
@@ -247,6 +255,10 @@ def rows_of(fig: dict, http: dict) -> list[Row]:
     for peer in PEERS:  # their loader without any masking: how much of the gap is HF's collator
         rows.append(Row(area="peers", name="MLMLoader, CPU masking, workers=0", value=fig["ours", 0],
                         unit="tokens/s", anchor=name((peer + " unmasked", 0)), anchor_value=fig[peer + " unmasked", 0]))
+    for peer in PEERS:  # workers=0: all the work in one process, so CPU time is comparable (see measure())
+        rows.append(Row(area="peers", name="MLMLoader, CPU masking, workers=0, per CPU second",
+                        value=cpu["ours", 0], unit="tokens/CPU-s", anchor=name((peer, 0)) + ", per CPU second",
+                        anchor_value=cpu[peer, 0]))
     ours_w = max(WORKERS, key=lambda w: fig["ours", w])
     best = max(((p, w) for p in PEERS for w in WORKERS), key=lambda k: fig[k])
     rows.append(Row(area="peers", name=f"MLMLoader best (workers={ours_w}) vs best peer", value=fig["ours", ours_w],
@@ -302,11 +314,14 @@ def main(argv=None) -> int:
             print(f"ours over HTTP, workers={w}: epoch 2 {h['tokens_per_s'] / 1e6:.2f}M tokens/s; shard requests "
                   f"epoch 1 {h['shard_requests']['epoch1']}, epoch 2 {h['shard_requests']['epoch2']}")
         fig = {k: v["tokens_per_s"] for k, v in results.items()}
+        cpu = {k: v["tokens_per_cpu_s"] for k, v in results.items()}
+        ratios = round_ratios(runs)
+        print("ours (best workers) / best peer, round by round: " + ", ".join(f"{x:.1f}x" for x in ratios))
         (work / "results.json").write_text(json.dumps(
             {"local": {f"{k[0]}-w{k[1]}": v for k, v in results.items()}, "http": http, "convert": conv,
-             "cache": has_cache()}, indent=1))
+             "cache": has_cache(), "round_ratios": ratios}, indent=1))
         print("\n=== maskstream vs the peer loaders (same run, same sequences) ===")
-        print(table(rows_of(fig, http)))
+        print(table(rows_of(fig, cpu, http)))
     return 0
 
 

@@ -28,7 +28,7 @@ import torch
 
 SPECIALS = {"mask_token": "[MASK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
             "unk_token": "[UNK]"}
-MDS_SHARD_BYTES = 1 << 20   # about 4 MDS shards for SOTU, as our job writes 4
+MDS_SHARD_BYTES = 1 << 20   # 5 MDS shards for SOTU; our job writes 4
 LIT_CHUNK_SEQUENCES = 4096  # litdata chunks of 4096 whole sequences (TokensLoader blocks never straddle them)
 
 
@@ -183,19 +183,22 @@ def serve(args) -> None:
 
 
 def measure(batches, *, warmup: int, batches_timed: int) -> dict:
-    """Tokens/s (B x L positions) over `batches_timed` batches after `warmup` batches, and the share of positions
-    masked. The one timing rule of `make bench-peers`: bench_peers.py imports it for our loader."""
+    """Tokens/s (B x L positions) over `batches_timed` batches after `warmup` batches, tokens per CPU second of
+    this process, and the share of positions masked. The one timing rule of `make bench-peers`: bench_peers.py
+    imports it for our loader."""
     start = time.perf_counter()
     for _ in range(warmup):
         next(batches)
-    t0, tokens, masked = time.perf_counter(), 0, 0
+    t0, cpu0, tokens, masked = time.perf_counter(), time.process_time(), 0, 0
     for _ in range(batches_timed):
         batch = next(batches)
         tokens += batch["input_ids"].numel()
         masked += int((batch["labels"] != -100).sum()) if "labels" in batch else 0
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    # NOTE: with workers=0 all the work is in this process (its threads included), so tokens per CPU second is the
+    # figure a busy shared machine disturbs least; with workers it leaves out the workers' CPU and means little
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "warmup_s": t0 - start,
-            "masked_frac": masked / tokens}
+            "masked_frac": masked / tokens, "cpu_s": cpu, "tokens_per_cpu_s": tokens / cpu}
 
 
 def main(argv=None) -> int:
