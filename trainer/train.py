@@ -46,6 +46,7 @@ class TrainConfig:
     data: str
     out: str
     model_size: str = "tiny"
+    hf_config: str | None = None   # a transformers config.json: train that AutoModelForMaskedLM instead (trainer.hf)
     max_steps: int = 0             # optimizer steps; 0 = derive from epochs
     epochs: float = 0.0
     batch_size: int = 32           # sequences per micro-batch per rank
@@ -105,6 +106,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
     p.add_argument("--data", required=True, help="shard folder or URL prefix holding index.json")
     p.add_argument("--out", required=True, help="run folder: config, metrics, plot, checkpoints")
     p.add_argument("--model-size", default="tiny", choices=list(PRESETS))
+    p.add_argument("--hf-config", default=None, metavar="CONFIG.json",
+                   help="train this transformers AutoModelForMaskedLM architecture instead of --model-size (its "
+                        "vocabulary size, special ids and positions come from the dataset); writes OUT/hf/")
     p.add_argument("--max-steps", type=int, default=0)
     p.add_argument("--epochs", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per rank")
@@ -151,7 +155,7 @@ class Run:
     device: torch.device
     loader: MLMLoader
     model: torch.nn.Module     # DDP-wrapped / compiled as trained
-    raw_model: MLMEncoder      # the module whose state_dict is saved
+    raw_model: torch.nn.Module  # the module whose state_dict is saved: MLMEncoder, or hf.HFMaskedLM
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
@@ -239,12 +243,9 @@ def build(cfg: TrainConfig) -> Run:
                                               num_workers=cfg.num_workers),
                        rank=rank, world_size=world, device=str(device))
     check_masking(cfg, loader.index)
-    vocab = loader.vocab
-    overrides = {} if cfg.dropout < 0 else {"dropout": cfg.dropout}
-    model_cfg = preset(cfg.model_size, vocab_size=vocab.size, max_len=loader.seq_len, pad_id=vocab.pad_id,
-                       **overrides)
     torch.manual_seed(cfg.seed)  # the initial weights: the same on every rank
-    raw = MLMEncoder(model_cfg).to(device)
+    raw = new_model(cfg, loader, rank).to(device)
+    model_cfg = raw.config
     torch.manual_seed(cfg.seed * 1000 + rank)  # dropout: a different stream per rank, saved in checkpoints
     decay = [p for p in raw.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw.parameters() if p.dim() < 2]
@@ -284,6 +285,27 @@ def build(cfg: TrainConfig) -> Run:
         run_folder.copy_tokenizer(out, data=cfg.data, index=loader.index, given=cfg.tokenizer)
         run_folder.truncate_metrics(out, run.step)
     return run
+
+
+def new_model(cfg: TrainConfig, loader: MLMLoader, rank: int) -> torch.nn.Module:
+    """The model to train, shaped by the dataset: a --model-size preset, or the --hf-config architecture."""
+    if cfg.hf_config:
+        from maskstream.trainer import hf
+        return hf.masked_lm(cfg.hf_config, loader.index, announce=rank == 0 and not cfg.resume)
+    overrides = {} if cfg.dropout < 0 else {"dropout": cfg.dropout}
+    vocab = loader.vocab
+    return MLMEncoder(preset(cfg.model_size, vocab_size=vocab.size, max_len=loader.seq_len, pad_id=vocab.pad_id,
+                             **overrides))
+
+
+def save_hf(run: Run) -> None:
+    """OUT/hf/ of an --hf-config run, from the trained model (trainer.hf)."""
+    if run.rank != 0 or not run.cfg.hf_config:
+        return
+    from maskstream.trainer import hf
+    tokenizer = Path(run.cfg.out) / run_folder.TOKENIZER
+    hf.save(run.raw_model, Path(run.cfg.out) / hf.HF_DIR, run_config(run),
+            tokenizer_json=tokenizer.read_text() if tokenizer.is_file() else None)
 
 
 def run_config(run: Run) -> dict:
@@ -467,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     run = build(cfg)
     try:
         train(run)
+        save_hf(run)
     except NonFiniteError as e:
         print(f"maskstream train: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,140 @@
+"""The Hugging Face bridge: --hf-config runs (BERT, RoBERTa, ModernBERT), RUN/hf/ in the fill-mask pipeline,
+the native encoder exported as ESM with equal logits, and MLMLoader feeding a transformers.Trainer."""
+import json
+import os
+
+import pytest
+import torch
+
+from maskstream.errors import UserError
+from maskstream.loader.maskconfig import IGNORE_INDEX
+from maskstream.loader.stream import LoaderConfig, MLMLoader
+from maskstream.trainer import checkpoint, evaluate, hf, run_folder
+from maskstream.trainer.model import MLMEncoder, ModelConfig
+from maskstream.trainer.train import build, close, main, parse_args, train
+
+transformers = pytest.importorskip("transformers")
+os.environ["HF_HUB_OFFLINE"] = "1"   # nothing is downloaded: every model here is built from a local config
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+CONFIGS = {   # tiny configs of three architectures; nothing in them says the vocabulary or the special ids
+    "bert": TINY,
+    "roberta": TINY,
+    "modernbert": {**TINY, "global_attn_every_n_layers": 1, "local_attention": 16},
+}
+
+
+def config_file(tmp_path, model_type: str):
+    path = tmp_path / f"{model_type}.json"
+    path.write_text(json.dumps({"model_type": model_type, **CONFIGS[model_type]}))
+    return path
+
+
+def flags(train_dir, out, *extra):
+    return ["--data", str(train_dir), "--out", str(out), "--batch-size", "4", "--seed", "3", "--log-every", "1",
+            "--no-progress", *extra]
+
+
+def fill_mask(folder, text):
+    pipe = transformers.pipeline("fill-mask", model=str(folder), device="cpu")
+    return pipe(text, top_k=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_hf_config_trains_evaluates_and_saves_a_folder_the_fill_mask_pipeline_loads(sotu_split, tmp_path,
+                                                                                     model_type):
+    train_dir, held_out = sotu_split
+    out = tmp_path / "run"
+    assert main(flags(train_dir, out, "--hf-config", str(config_file(tmp_path, model_type)), "--max-steps", "2",
+                      "--eval-data", str(held_out), "--eval-batches", "1")) == 0
+    rows = run_folder.read_metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and 9 < rows[0]["loss"] < 11   # ~ln(30522)
+    assert any("eval_accuracy" in r for r in rows) and checkpoint.latest(out) is not None
+    model_cfg = json.loads((out / "config.json").read_text())["model"]["hf"]
+    assert (model_cfg["model_type"], model_cfg["vocab_size"], model_cfg["pad_token_id"],
+            model_cfg["mask_token_id"]) == (model_type, 30522, 0, 103)   # from the dataset
+    assert (out / "hf" / "model.safetensors").is_file()
+    predictions = fill_mask(out / "hf", "the president of the united [MASK].")
+    assert len(predictions) == 3 and all(p["token_str"] for p in predictions)
+    model, _ = evaluate.load_run(out)   # `maskstream evaluate` and fill-mask read such a run too
+    assert isinstance(model, hf.HFMaskedLM)
+
+
+@pytest.mark.slow
+def test_hf_config_run_resumes_with_exactly_the_same_losses(sotu_split, tmp_path):
+    train_dir, _ = sotu_split
+    common = ("--hf-config", str(config_file(tmp_path, "bert")), "--max-steps", "4", "--save-every", "2")
+    assert main(flags(train_dir, tmp_path / "whole", *common)) == 0
+    run = build(parse_args(flags(train_dir, tmp_path / "split", *common)))
+    train(run, stop_at=2)
+    close(run)
+    assert main(flags(train_dir, tmp_path / "split", *common, "--resume")) == 0
+    whole, split = (run_folder.read_metrics(tmp_path / name) for name in ("whole", "split"))
+    assert [(r["step"], r["loss"]) for r in split] == [(r["step"], r["loss"]) for r in whole]
+
+
+def test_hf_config_without_a_masked_lm_head_is_refused(sotu_split, tmp_path):
+    path = tmp_path / "gpt2.json"
+    path.write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UserError, match="gpt2.*no AutoModelForMaskedLM"):
+        main(flags(sotu_split[0], tmp_path / "run", "--hf-config", str(path), "--max-steps", "1"))
+
+
+@pytest.mark.slow
+def test_native_run_exports_to_esm_with_equal_logits_and_fill_mask(sotu_split, tmp_path):
+    train_dir, held_out = sotu_split
+    out = tmp_path / "run"
+    assert main(flags(train_dir, out, "--model-size", "tiny", "--max-steps", "1")) == 0
+    assert hf.export_main(["--run", str(out)]) == 0
+    ours, _ = evaluate.load_run(out)
+    theirs = transformers.AutoModelForMaskedLM.from_pretrained(str(out / "hf")).eval()
+    batch = next(iter(evaluate.eval_loader(str(held_out), batch_size=4)))
+    with torch.no_grad():
+        a, _ = ours(batch["input_ids"], batch["attention_mask"])
+        b = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
+    real = batch["attention_mask"]   # padded positions are never attended; their outputs mean nothing
+    torch.testing.assert_close(b[real], a[real], atol=1e-4, rtol=1e-4)
+    text = "the state of the [MASK] is strong."
+    top = fill_mask(out / "hf", text)[0]
+    ids = torch.tensor([evaluate.load_tokenizer(out).encode(text).ids])
+    with torch.no_grad():
+        logits, _ = ours(ids, torch.ones_like(ids, dtype=torch.bool))
+    assert top["token"] == int(logits[0, (ids[0] == 103).nonzero()[0, 0]].argmax())
+
+
+def test_a_learned_position_table_maps_onto_esm_too():
+    torch.manual_seed(0)
+    ours = MLMEncoder(ModelConfig(vocab_size=50, max_len=16, n_layer=2, n_head=2, d_model=16, d_ff=32, pad_id=1,
+                                  dropout=0.0, rope=False)).eval()
+    theirs = hf.to_esm(ours, mask_id=4)
+    ids = torch.randint(5, 50, (2, 16))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids, attention_mask=mask.long()).logits, ours(ids, mask)[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_mlm_loader_feeds_a_transformers_trainer_with_its_own_masks(sotu_split, tmp_path):
+    train_dir, _ = sotu_split
+    seen = []
+
+    class Recording(hf.MLMTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            seen.append(inputs["labels"].clone())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=30522, max_position_embeddings=128,
+                                                                 **TINY))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=3, learning_rate=1e-3,
+                                          per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
+                                          report_to=[], use_cpu=True, disable_tqdm=True)
+    loader = MLMLoader(str(train_dir), LoaderConfig(batch_size=4, seed=5))
+    result = Recording(model=model, args=args, train_loader=loader).train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    fresh = [b["labels"] for _, b in zip(range(3), MLMLoader(str(train_dir), LoaderConfig(batch_size=4, seed=5)),
+                                         strict=False)]
+    assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, fresh, strict=True))
+    assert all((labels != IGNORE_INDEX).any() for labels in seen)   # masked by our loader, no HF collator
