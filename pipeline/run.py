@@ -38,9 +38,10 @@ AUTO_IN_MEMORY_CORES = 2               # auto: one process with Rust threads up 
 AUTO_IN_MEMORY_BYTES = 64 << 20        # ... or for inputs up to this size on more cores
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of maskstream; `cls` lets the Python API (maskstream.api) raise where the CLI prints usage."""
     # NOTE: each hyphenated flag also has an underscore spelling, the form Dataflow flex templates pass.
-    p = argparse.ArgumentParser(prog="maskstream preprocess", description=__doc__.split("\n")[0],
+    p = cls(prog="maskstream preprocess", description=__doc__.split("\n")[0],
                                 epilog="Unknown flags go to Beam's PipelineOptions (e.g. --runner, --project).")
     p.add_argument("--input", action="extend", nargs="+", required=True,
                    help="file or glob, local or gs:// s3:// (repeatable); .txt .jsonl .parquet, optionally .gz")
@@ -76,8 +77,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv) -> tuple[argparse.Namespace, list[str]]:
-    p = parser()
+def parse(argv, *, parser_class=argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+    p = parser(parser_class)
     args, beam_args = p.parse_known_args(argv)
     if args.whole_word and args.selection != "token":
         p.error(f"--whole-word contradicts --selection {args.selection}; pass one of them")
@@ -192,12 +193,12 @@ def no_documents_written(output: str) -> UserError:
                      "check --input and --text-field")
 
 
-def run(argv=None) -> dict:
-    """Run the job; returns the index.json dict it wrote."""
+def run(argv=None, *, parser_class=argparse.ArgumentParser) -> dict:
+    """Run the job; returns the index.json dict it wrote ({} when Beam only built the graph)."""
     import apache_beam as beam
 
     from maskstream.pipeline import progress, shards, transforms
-    args, beam_args = parse(sys.argv[1:] if argv is None else argv)
+    args, beam_args = parse(sys.argv[1:] if argv is None else argv, parser_class=parser_class)
     check_beam_flags(beam_args)
     config, info, text, inputs = prepare(args)
     options, runner = pipeline_options(beam_args, local_mode=args.local_mode,

@@ -1,11 +1,18 @@
 """The Hugging Face bridge: --hf-config runs (BERT, RoBERTa, ModernBERT), RUN/hf/ in the fill-mask pipeline,
-the native encoder exported as ESM with equal logits, and MLMLoader feeding a transformers.Trainer."""
+the native encoder exported as ESM with equal logits, and MLMLoader feeding a transformers.Trainer.
+
+The datasets are built by the Beam job (through the Python API) from three SOTU addresses with a 300-token
+tokenizer of each kind, so every model here is small and fast.
+"""
+import functools
 import json
 import os
 
 import pytest
 import torch
+from helpers import write_sotu_subset
 
+import maskstream
 from maskstream.errors import UserError
 from maskstream.loader.maskconfig import IGNORE_INDEX
 from maskstream.loader.stream import LoaderConfig, MLMLoader
@@ -22,6 +29,20 @@ CONFIGS = {   # tiny configs of three architectures; nothing in them says the vo
     "roberta": TINY,
     "modernbert": {**TINY, "global_attn_every_n_layers": 1, "local_attention": 16},
 }
+KIND = {"bert": "wordpiece", "roberta": "bpe", "modernbert": "bpe"}   # the tokenizer each is tried with
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """kind -> a Beam-built dataset of 64-token sequences with a 300-token tokenizer of that kind."""
+    root = tmp_path_factory.mktemp("hf_data")
+    corpus = write_sotu_subset(root / "sotu3.jsonl", 3)
+
+    @functools.cache
+    def make(kind: str):
+        tok = maskstream.train_tokenizer(corpus, root / f"{kind}.json", vocab_size=300, kind=kind)
+        return maskstream.preprocess(corpus, tok.path, root / kind, seq_len=64, num_shards=2, quiet=True).output
+    return make
 
 
 def config_file(tmp_path, model_type: str):
@@ -30,30 +51,31 @@ def config_file(tmp_path, model_type: str):
     return path
 
 
-def flags(train_dir, out, *extra):
-    return ["--data", str(train_dir), "--out", str(out), "--batch-size", "4", "--seed", "3", "--log-every", "1",
+def flags(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--batch-size", "4", "--seed", "3", "--log-every", "1",
             "--no-progress", *extra]
 
 
 def fill_mask(folder, text):
     pipe = transformers.pipeline("fill-mask", model=str(folder), device="cpu")
-    return pipe(text, top_k=3)
+    return pipe(text.replace("[MASK]", pipe.tokenizer.mask_token), top_k=3)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", list(CONFIGS))
-def test_hf_config_trains_evaluates_and_saves_a_folder_the_fill_mask_pipeline_loads(sotu_split, tmp_path,
+def test_hf_config_trains_evaluates_and_saves_a_folder_the_fill_mask_pipeline_loads(tiny_data, tmp_path,
                                                                                      model_type):
-    train_dir, held_out = sotu_split
+    data = tiny_data(KIND[model_type])
     out = tmp_path / "run"
-    assert main(flags(train_dir, out, "--hf-config", str(config_file(tmp_path, model_type)), "--max-steps", "2",
-                      "--eval-data", str(held_out), "--eval-batches", "1")) == 0
+    assert main(flags(data, out, "--hf-config", str(config_file(tmp_path, model_type)), "--max-steps", "2",
+                      "--eval-data", data, "--eval-batches", "1")) == 0
     rows = run_folder.read_metrics(out)
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and 9 < rows[0]["loss"] < 11   # ~ln(30522)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and 4.5 < rows[0]["loss"] < 7   # ~ln(300)
     assert any("eval_accuracy" in r for r in rows) and checkpoint.latest(out) is not None
+    tok = json.loads((out / "config.json").read_text())["dataset"]["tokenizer"]
     model_cfg = json.loads((out / "config.json").read_text())["model"]["hf"]
-    assert (model_cfg["model_type"], model_cfg["vocab_size"], model_cfg["pad_token_id"],
-            model_cfg["mask_token_id"]) == (model_type, 30522, 0, 103)   # from the dataset
+    assert (model_cfg["model_type"], model_cfg["vocab_size"], model_cfg["pad_token_id"], model_cfg["mask_token_id"],
+            model_cfg["max_position_embeddings"] >= 64) == (model_type, 300, tok["pad_id"], tok["mask_id"], True)
     assert (out / "hf" / "model.safetensors").is_file()
     predictions = fill_mask(out / "hf", "the president of the united [MASK].")
     assert len(predictions) == 3 and all(p["token_str"] for p in predictions)
@@ -62,8 +84,8 @@ def test_hf_config_trains_evaluates_and_saves_a_folder_the_fill_mask_pipeline_lo
 
 
 @pytest.mark.slow
-def test_hf_config_run_resumes_with_exactly_the_same_losses(sotu_split, tmp_path):
-    train_dir, _ = sotu_split
+def test_hf_config_run_resumes_with_exactly_the_same_losses(tiny_data, tmp_path):
+    train_dir = tiny_data("bpe")
     common = ("--hf-config", str(config_file(tmp_path, "bert")), "--max-steps", "4", "--save-every", "2")
     assert main(flags(train_dir, tmp_path / "whole", *common)) == 0
     run = build(parse_args(flags(train_dir, tmp_path / "split", *common)))
@@ -82,25 +104,26 @@ def test_hf_config_without_a_masked_lm_head_is_refused(sotu_split, tmp_path):
 
 
 @pytest.mark.slow
-def test_native_run_exports_to_esm_with_equal_logits_and_fill_mask(sotu_split, tmp_path):
-    train_dir, held_out = sotu_split
+def test_native_run_exports_to_esm_with_equal_logits_and_fill_mask(tiny_data, tmp_path):
+    data = tiny_data("bpe")
     out = tmp_path / "run"
-    assert main(flags(train_dir, out, "--model-size", "tiny", "--max-steps", "1")) == 0
+    assert main(flags(data, out, "--model-size", "tiny", "--max-steps", "1")) == 0
     assert hf.export_main(["--run", str(out)]) == 0
     ours, _ = evaluate.load_run(out)
     theirs = transformers.AutoModelForMaskedLM.from_pretrained(str(out / "hf")).eval()
-    batch = next(iter(evaluate.eval_loader(str(held_out), batch_size=4)))
+    batch = next(iter(evaluate.eval_loader(data, batch_size=4)))
     with torch.no_grad():
         a, _ = ours(batch["input_ids"], batch["attention_mask"])
         b = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
     real = batch["attention_mask"]   # padded positions are never attended; their outputs mean nothing
     torch.testing.assert_close(b[real], a[real], atol=1e-4, rtol=1e-4)
-    text = "the state of the [MASK] is strong."
+    text = "the state of the <mask> is strong."
     top = fill_mask(out / "hf", text)[0]
     ids = torch.tensor([evaluate.load_tokenizer(out).encode(text).ids])
     with torch.no_grad():
         logits, _ = ours(ids, torch.ones_like(ids, dtype=torch.bool))
-    assert top["token"] == int(logits[0, (ids[0] == 103).nonzero()[0, 0]].argmax())
+    assert top["token"] == int(logits[0, (ids[0] == theirs.config.mask_token_id).nonzero()[0, 0]].argmax())
+    assert not set(top["token_str"]) & set("ĠĊ")   # byte-level BPE decoded to text, not shown as its bytes
 
 
 def test_a_learned_position_table_maps_onto_esm_too():
@@ -116,8 +139,8 @@ def test_a_learned_position_table_maps_onto_esm_too():
 
 
 @pytest.mark.slow
-def test_mlm_loader_feeds_a_transformers_trainer_with_its_own_masks(sotu_split, tmp_path):
-    train_dir, _ = sotu_split
+def test_mlm_loader_feeds_a_transformers_trainer_with_its_own_masks(tiny_data, tmp_path):
+    train_dir = tiny_data("wordpiece")
     seen = []
 
     class Recording(hf.MLMTrainer):
@@ -126,7 +149,7 @@ def test_mlm_loader_feeds_a_transformers_trainer_with_its_own_masks(sotu_split, 
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     torch.manual_seed(0)
-    model = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=30522, max_position_embeddings=128,
+    model = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=300, max_position_embeddings=64,
                                                                  **TINY))
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=3, learning_rate=1e-3,
                                           per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
