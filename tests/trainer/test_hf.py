@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import write_sotu_subset
+from helpers import DATA, write_sotu_subset
 
 import maskstream
 from maskstream.errors import UserError
@@ -23,12 +23,7 @@ from maskstream.trainer.train import build, close, main, parse_args, train
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"   # nothing is downloaded: every model here is built from a local config
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-CONFIGS = {   # tiny configs of three architectures; nothing in them says the vocabulary or the special ids
-    "bert": TINY,
-    "roberta": TINY,
-    "modernbert": {**TINY, "global_attn_every_n_layers": 1, "local_attention": 16},
-}
+CONFIGS = DATA / "hf-configs"   # tiny configs of three architectures, without vocabulary or special ids
 KIND = {"bert": "wordpiece", "roberta": "bpe", "modernbert": "bpe"}   # the tokenizer each is tried with
 
 
@@ -45,10 +40,8 @@ def tiny_data(tmp_path_factory):
     return make
 
 
-def config_file(tmp_path, model_type: str):
-    path = tmp_path / f"{model_type}.json"
-    path.write_text(json.dumps({"model_type": model_type, **CONFIGS[model_type]}))
-    return path
+def config_file(model_type: str):
+    return CONFIGS / f"{model_type}-tiny.json"
 
 
 def flags(data, out, *extra):
@@ -62,12 +55,12 @@ def fill_mask(folder, text):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", list(CONFIGS))
+@pytest.mark.parametrize("model_type", list(KIND))
 def test_hf_config_trains_evaluates_and_saves_a_folder_the_fill_mask_pipeline_loads(tiny_data, tmp_path,
                                                                                      model_type):
     data = tiny_data(KIND[model_type])
     out = tmp_path / "run"
-    assert main(flags(data, out, "--hf-config", str(config_file(tmp_path, model_type)), "--max-steps", "2",
+    assert main(flags(data, out, "--hf-config", str(config_file(model_type)), "--max-steps", "2",
                       "--eval-data", data, "--eval-batches", "1")) == 0
     rows = run_folder.read_metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2] and 4.5 < rows[0]["loss"] < 7   # ~ln(300)
@@ -86,7 +79,7 @@ def test_hf_config_trains_evaluates_and_saves_a_folder_the_fill_mask_pipeline_lo
 @pytest.mark.slow
 def test_hf_config_run_resumes_with_exactly_the_same_losses(tiny_data, tmp_path):
     train_dir = tiny_data("bpe")
-    common = ("--hf-config", str(config_file(tmp_path, "bert")), "--max-steps", "4", "--save-every", "2")
+    common = ("--hf-config", str(config_file("bert")), "--max-steps", "4", "--save-every", "2")
     assert main(flags(train_dir, tmp_path / "whole", *common)) == 0
     run = build(parse_args(flags(train_dir, tmp_path / "split", *common)))
     train(run, stop_at=2)
@@ -149,8 +142,8 @@ def test_mlm_loader_feeds_a_transformers_trainer_with_its_own_masks(tiny_data, t
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     torch.manual_seed(0)
-    model = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=300, max_position_embeddings=64,
-                                                                 **TINY))
+    fields = {**json.loads(config_file("bert").read_text()), "vocab_size": 300, "max_position_embeddings": 64}
+    model = transformers.AutoModelForMaskedLM.from_config(transformers.AutoConfig.for_model(**fields))
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=3, learning_rate=1e-3,
                                           per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
                                           report_to=[], use_cpu=True, disable_tqdm=True)
