@@ -94,6 +94,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.resume not in ("", "latest", "auto"):
             raise ValueError(f"--resume {self.resume!r}; pass --resume (the latest checkpoint) or --resume auto")
+        if self.hf_config and self.dropout >= 0:
+            raise ValueError(f"--dropout {self.dropout} sets the --model-size presets' dropout; with --hf-config set "
+                             "it in the config file (e.g. hidden_dropout_prob, attention_probs_dropout_prob)")
         if self.lr <= 0 or self.clip < 0:
             raise ValueError(f"--lr {self.lr} must be > 0 and --clip {self.clip} >= 0 (0 disables clipping)")
 
@@ -231,8 +234,9 @@ def check_out(cfg: TrainConfig, rank: int) -> None:
 def check_length(cfg: TrainConfig, loader: MLMLoader, max_len: int, what: str) -> None:
     """The dataset's sequences fit the model."""
     if loader.seq_len > max_len:
+        model = f"--hf-config {cfg.hf_config}" if cfg.hf_config else f"--model-size {cfg.model_size}"
         raise UserError(f"{what} {loader.root} holds sequences of {loader.seq_len} tokens but the "
-                        f"--model-size {cfg.model_size} model of this run accepts at most {max_len}; "
+                        f"{model} model of this run accepts at most {max_len}; "
                         f"preprocess it with --seq-len {max_len} or less")
 
 
