@@ -231,12 +231,16 @@ def check_out(cfg: TrainConfig, rank: int) -> None:
         print(f"--resume auto: {cfg.out} holds no checkpoint; starting a new run", file=sys.stderr)
 
 
+def model_flag(train: dict) -> str:
+    """The flag that chose a run's model, from its TrainConfig dict: for messages."""
+    return f"--hf-config {train['hf_config']}" if train.get("hf_config") else f"--model-size {train['model_size']}"
+
+
 def check_length(cfg: TrainConfig, loader: MLMLoader, max_len: int, what: str) -> None:
     """The dataset's sequences fit the model."""
     if loader.seq_len > max_len:
-        model = f"--hf-config {cfg.hf_config}" if cfg.hf_config else f"--model-size {cfg.model_size}"
         raise UserError(f"{what} {loader.root} holds sequences of {loader.seq_len} tokens but the "
-                        f"{model} model of this run accepts at most {max_len}; "
+                        f"{model_flag(cfg.to_dict())} model of this run accepts at most {max_len}; "
                         f"preprocess it with --seq-len {max_len} or less")
 
 
@@ -333,8 +337,8 @@ def resume(run: Run) -> None:
     evaluate.check_tokenizer(saved.get("dataset", {}).get("tokenizer"), f"the checkpoint {path}", run.loader,
                              "--data")
     if saved["model"] != run.raw_model.config.to_dict():
-        raise UserError(f"{path} holds a {saved['train']['model_size']} model with a different shape than "
-                        f"--model-size {run.cfg.model_size}; resume with the run's own flags")
+        raise UserError(f"{path} holds a {model_flag(saved['train'])} model with a different shape than "
+                        f"{model_flag(run.cfg.to_dict())}; resume with the run's own flags")
     run.checkpointer.restore(ckpt, path)
 
 

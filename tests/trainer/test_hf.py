@@ -13,6 +13,7 @@ import torch
 from helpers import DATA, write_sotu_subset
 
 import maskstream
+from maskstream import cli
 from maskstream.errors import UserError
 from maskstream.loader.maskconfig import IGNORE_INDEX
 from maskstream.loader.stream import LoaderConfig, MLMLoader
@@ -72,8 +73,10 @@ def test_hf_config_trains_evaluates_and_saves_a_folder_the_fill_mask_pipeline_lo
     assert (out / "hf" / "model.safetensors").is_file()
     predictions = fill_mask(out / "hf", "the president of the united [MASK].")
     assert len(predictions) == 3 and all(p["token_str"] for p in predictions)
-    model, _ = evaluate.load_run(out)   # `maskstream evaluate` and fill-mask read such a run too
+    model, config = evaluate.load_run(out)   # `maskstream evaluate` and fill-mask read such a run too
     assert isinstance(model, hf.HFMaskedLM)
+    ours = evaluate.fill_mask(model, evaluate.load_tokenizer(out), config["vocab"], "the [MASK] of the union")
+    assert len(ours) == 1 and len(ours[0]) == 5
 
 
 @pytest.mark.slow
@@ -89,11 +92,18 @@ def test_hf_config_run_resumes_with_exactly_the_same_losses(tiny_data, tmp_path)
     assert [(r["step"], r["loss"]) for r in split] == [(r["step"], r["loss"]) for r in whole]
 
 
-def test_hf_config_without_a_masked_lm_head_is_refused(sotu_split, tmp_path):
+def test_mistakes_of_the_bridge_end_in_one_line(sotu_split, tmp_path, capsys):
     path = tmp_path / "gpt2.json"
     path.write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UserError, match="gpt2.*no AutoModelForMaskedLM"):
         main(flags(sotu_split[0], tmp_path / "run", "--hf-config", str(path), "--max-steps", "1"))
+    with pytest.raises(UserError, match="missing.json does not exist"):
+        main(flags(sotu_split[0], tmp_path / "run", "--hf-config", str(tmp_path / "missing.json"), "--max-steps", "1"))
+    with pytest.raises(SystemExit):   # argparse: one line, exit 2
+        main(flags(sotu_split[0], tmp_path / "run", "--hf-config", str(path), "--max-steps", "1", "--dropout", "0.1"))
+    assert "set it in the config file" in capsys.readouterr().err
+    assert cli.main(["export-hf", "--run", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1   # `maskstream export-hf: ... holds no intact checkpoint`
 
 
 @pytest.mark.slow
