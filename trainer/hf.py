@@ -112,7 +112,11 @@ def masked_lm(config_path: str, index: dict, *, announce: bool = True) -> HFMask
     if announce and changed:
         print(f"--hf-config {config_path} ({fields['model_type']}): from the dataset: {', '.join(changed)}",
               file=sys.stderr)
-    model = HFMaskedLM(HFConfig(hf=merged, max_len=int(index["seq_len"])))
+    try:
+        model = HFMaskedLM(HFConfig(hf=merged, max_len=int(index["seq_len"])))
+    except (ValueError, TypeError) as e:   # transformers' own checks of a config (shapes, unknown values)
+        raise UserError(f"--hf-config {config_path}: transformers refuses it: {str(e).splitlines()[0]}; "
+                        "fix the file") from e
     # recorded as transformers completed it (every default filled in): what a resume compares
     model.config = HFConfig(hf=model.hf.config.to_dict(), max_len=model.config.max_len)
     return model

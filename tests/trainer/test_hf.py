@@ -99,6 +99,9 @@ def test_mistakes_of_the_bridge_end_in_one_line(sotu_split, tmp_path, capsys):
         main(flags(sotu_split[0], tmp_path / "run", "--hf-config", str(path), "--max-steps", "1"))
     with pytest.raises(UserError, match="missing.json does not exist"):
         main(flags(sotu_split[0], tmp_path / "run", "--hf-config", str(tmp_path / "missing.json"), "--max-steps", "1"))
+    path.write_text(json.dumps({"model_type": "bert", "hidden_size": 30, "num_attention_heads": 4}))
+    with pytest.raises(UserError, match="transformers refuses it: .*30"):
+        main(flags(sotu_split[0], tmp_path / "run", "--hf-config", str(path), "--max-steps", "1"))
     with pytest.raises(SystemExit):   # argparse: one line, exit 2
         main(flags(sotu_split[0], tmp_path / "run", "--hf-config", str(path), "--max-steps", "1", "--dropout", "0.1"))
     assert "set it in the config file" in capsys.readouterr().err
@@ -127,6 +130,24 @@ def test_native_run_exports_to_esm_with_equal_logits_and_fill_mask(tiny_data, tm
         logits, _ = ours(ids, torch.ones_like(ids, dtype=torch.bool))
     assert top["token"] == int(logits[0, (ids[0] == theirs.config.mask_token_id).nonzero()[0, 0]].argmax())
     assert not set(top["token_str"]) & set("ĠĊ")   # byte-level BPE decoded to text, not shown as its bytes
+
+
+@pytest.mark.slow
+def test_sparse_prediction_models_give_the_same_labelled_logits_and_loss():
+    fields = {**json.loads(config_file("modernbert").read_text()), "vocab_size": 50, "pad_token_id": 0}
+    torch.manual_seed(0)
+    dense = hf.HFMaskedLM(hf.HFConfig(hf={**fields, "sparse_prediction": False}, max_len=16)).eval()
+    sparse = hf.HFMaskedLM(hf.HFConfig(hf={**fields, "sparse_prediction": True}, max_len=16)).eval()
+    sparse.load_state_dict(dense.state_dict())
+    ids = torch.randint(5, 50, (2, 16))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 3], labels[1, 7], labels[1, 9] = 11, 12, 13
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        (a, loss_a), (b, loss_b) = dense(ids, mask, labels), sparse(ids, mask, labels)
+    assert a.shape == b.shape == (3, 50)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_a, loss_b)
 
 
 def test_a_learned_position_table_maps_onto_esm_too():
