@@ -210,7 +210,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
 class TrainerBatches:
     """An MLMLoader as a Trainer's train dataloader: each masked batch as the keyword arguments of a masked LM.
-    Its length and set_epoch() are the loader's, so the Trainer's epochs are the loader's epochs."""
+    Its length is the loader's epoch, so the Trainer's epochs are the loader's epochs."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -219,7 +219,10 @@ class TrainerBatches:
         return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+        # NOTE: the Trainer calls this at every epoch's start, a resumed one included; the loader is already
+        # there (it advances with an epoch's last batch, and a resume restores its position mid-epoch)
+        if epoch != self.loader.epoch:
+            self.loader.set_epoch(epoch)
 
     def __iter__(self):
         for batch in self.loader:
@@ -230,11 +233,46 @@ class TrainerBatches:
 class MLMTrainer(transformers.Trainer):
     """A transformers.Trainer trained on an MLMLoader's batches, masks included (no data collator masks):
     `MLMTrainer(model=..., args=TrainingArguments(...), train_loader=MLMLoader(...))`. The loader's batch size
-    is the per-device batch size; build it on `args.device`, with this process's rank and world size."""
+    is the per-device batch size; build it on `args.device`, with this process's rank and world size.
+
+    Every checkpoint holds the loader's state_dict (LOADER_STATE), and `train(resume_from_checkpoint=...)`
+    restores it, so a resumed run reads exactly the batches and masks the uninterrupted one would have."""
 
     def __init__(self, *args, train_loader, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_loader = train_loader
+        # NOTE: the Trainer's own data skip on resume (accelerate's skip_first_batches) needs a torch DataLoader;
+        # the loader seeks to its saved position instead
+        self.args.ignore_data_skip = True
+        self.add_callback(_SaveLoaderState(train_loader))
 
     def get_train_dataloader(self):
         return TrainerBatches(self.train_loader)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+        if folder:
+            path = Path(folder) / loader_state_name(self.train_loader.rank)
+            if not path.is_file():
+                raise MissingPath(f"{folder} holds no {path.name}: it was not written by MLMTrainer; resume a "
+                                  "checkpoint of an MLMTrainer run, or start a new run")
+            self.train_loader.load_state_dict(json.loads(path.read_text()))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def loader_state_name(rank: int) -> str:
+    return f"maskstream_loader_rank{rank}.json"
+
+
+class _SaveLoaderState(transformers.TrainerCallback):
+    """Writes the loader's position into each checkpoint the Trainer has just saved."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            (folder / loader_state_name(self.loader.rank)).write_text(json.dumps(self.loader.state_dict()))

@@ -163,25 +163,34 @@ def test_a_learned_position_table_maps_onto_esm_too():
 
 
 @pytest.mark.slow
-def test_mlm_loader_feeds_a_transformers_trainer_with_its_own_masks(tiny_data, tmp_path):
+def test_mlm_loader_feeds_a_transformers_trainer_with_its_own_masks_and_resumes_exactly(tiny_data, tmp_path):
     train_dir = tiny_data("wordpiece")
-    seen = []
-
-    class Recording(hf.MLMTrainer):
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            seen.append(inputs["labels"].clone())
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    torch.manual_seed(0)
     fields = {**json.loads(config_file("bert").read_text()), "vocab_size": 300, "max_position_embeddings": 64}
-    model = transformers.AutoModelForMaskedLM.from_config(transformers.AutoConfig.for_model(**fields))
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=3, learning_rate=1e-3,
-                                          per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
-                                          report_to=[], use_cpu=True, disable_tqdm=True)
-    loader = MLMLoader(str(train_dir), LoaderConfig(batch_size=4, seed=5))
-    result = Recording(model=model, args=args, train_loader=loader).train()
-    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
-    fresh = [b["labels"] for _, b in zip(range(3), MLMLoader(str(train_dir), LoaderConfig(batch_size=4, seed=5)),
+
+    def run(name, resume=None):
+        seen = []
+
+        class Recording(hf.MLMTrainer):
+            def compute_loss(self, model, inputs, *args, **kwargs):
+                seen.append(inputs["labels"].clone())
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+        torch.manual_seed(0)
+        model = transformers.AutoModelForMaskedLM.from_config(transformers.AutoConfig.for_model(**fields))
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / name), max_steps=4, learning_rate=1e-3,
+                                              per_device_train_batch_size=4, logging_steps=1, save_steps=2,
+                                              report_to=[], use_cpu=True, disable_tqdm=True)
+        loader = MLMLoader(str(train_dir), LoaderConfig(batch_size=4, seed=5))
+        trainer = Recording(model=model, args=args, train_loader=loader)
+        trainer.train(resume_from_checkpoint=resume)
+        losses = [(r["step"], r["loss"]) for r in trainer.state.log_history if "loss" in r]
+        return seen, losses
+
+    seen, losses = run("whole")
+    fresh = [b["labels"] for _, b in zip(range(4), MLMLoader(str(train_dir), LoaderConfig(batch_size=4, seed=5)),
                                          strict=False)]
-    assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, fresh, strict=True))
+    assert len(seen) == 4 and all(torch.equal(a, b) for a, b in zip(seen, fresh, strict=True))
     assert all((labels != IGNORE_INDEX).any() for labels in seen)   # masked by our loader, no HF collator
+    resumed, resumed_losses = run("resumed", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(resumed, seen[2:], strict=True))
+    assert resumed_losses == losses   # steps 1-2 from the checkpoint's history, 3-4 trained again: equal
