@@ -101,7 +101,8 @@ class Gunzip:
     gzip of zeros becomes 2 GB in one call). Concatenated members are read on; a file that ends before its
     last member's trailer raises EOFError (zlib checks each trailer's CRC-32 and length)."""
 
-    def __init__(self, raw, chunk: int = 1 << 20):
+    def __init__(self, raw, chunk: int = 1 << 16):
+        # NOTE: small compressed reads: the bytes after each member are copied when the next one starts
         self.raw, self.chunk = raw, chunk
         self.d, self.tail, self.started = zlib.decompressobj(31), b"", False
 
