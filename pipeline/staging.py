@@ -55,6 +55,8 @@ def plan(output: str, run_id: str, *, swap: bool | None = None) -> Layout:
         return Layout(output=output, target=output, staging=store.join(output, _INNER_STAGING + run_id), swap=False)
     target = os.path.realpath(store.local_path(output))
     parent, name = os.path.split(target)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UserError(f"--output {output} is a file, not a folder; pass a folder (new or holding a dataset)")
     if swap is None:
         swap = os.access(parent, os.W_OK) and not (os.path.isdir(target) and os.path.ismount(target))
     inner = os.path.join(target, _INNER_STAGING + run_id)
@@ -120,7 +122,12 @@ class Lock:
 
     def __enter__(self) -> "Lock":
         for _ in range(3):
-            if self._create():
+            try:
+                created = self._create()
+            except PermissionError as e:
+                raise UserError(f"--output {self.output}: cannot write the run's lock {self.path} ({e.strerror}); "
+                                "pass an --output in a folder you can write") from e
+            if created:
                 return self
             other = self._read()
             if other is None or not self._stale(other):

@@ -92,6 +92,24 @@ def test_inputs_inside_the_output_are_refused_before_anything_is_touched(dataset
 
 
 @pytest.mark.slow
+def test_a_run_that_writes_nothing_keeps_the_dataset_and_names_its_rejects(dataset, bert_json, tmp_path, hashes,
+                                                                          capsys):
+    from maskstream import cli
+    out = copy_dataset(dataset, tmp_path / "out")
+    before = hashes(out)
+    (tmp_path / "bad.jsonl").write_bytes(b'{"title": "no text"}\n')
+    rc = cli.main(["preprocess", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer", str(bert_json), "--output",
+                   str(out), "--quiet", *IN_MEMORY, "--num-shards", "2", "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and f"{out} keeps its dataset" in err
+    staged = err.split("See ")[1].split(" (")[0]
+    assert Path(staged).read_text().count("missing_field") == 1 and hashes(out) == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        staging.plan(str(tmp_path / "file"), "x")
+
+
+@pytest.mark.slow
 def test_overwrite_keeps_foreign_files_across_the_swap(dataset, sotu_subset, bert_json, tmp_path, job):
     out = copy_dataset(dataset, tmp_path / "out")
     (out / "notes.txt").write_text("mine")
