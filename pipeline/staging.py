@@ -193,7 +193,8 @@ class Lock:
                             "if no preprocess run writes there, delete that file and rerun")
         raise UserError(f"--output {self.output} is held by a running preprocess (pid {other['pid']} on "
                         f"{other['host']}, started {other['started']}: {other.get('command', '?')[:120]}); wait "
-                        f"for it to end, or if it is dead on another host, delete {self.path}")
+                        f"for it to end, or if that process is not this run (dead on another host, or its pid "
+                        f"reused), delete {self.path}")
 
 
 # ---- leftovers of killed runs ----------------------------------------------------------------------------
