@@ -34,8 +34,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 def _earlier_index(folder: str) -> dict | None:
     """The index.json an earlier run left, or None when there is none or it does not read (a crashed run)."""
     try:
-        with open(os.path.join(folder, fmt.INDEX_FILE), "rb") as f:
-            index = json.loads(f.read())
+        index = json.loads(store.read(join(folder, fmt.INDEX_FILE)))
     except (OSError, ValueError):
         return None
     return index if isinstance(index, dict) and isinstance(index.get("config"), dict) else None
@@ -49,9 +48,9 @@ def check_output(output: str, config: dict, *, overwrite: bool = False) -> list[
     tokenizer.json, rejects/rejects.jsonl and their temporary names). Files not a dataset's own are never
     deleted. config: PipelineConfig.to_dict()."""
     from maskstream.errors import UserError
-    if not is_local(output) or not os.path.isdir(join(output)):
-        return []
     folder = join(output)
+    if is_local(output) and not os.path.isdir(folder):
+        return []
     earlier = _earlier_index(folder)
     if earlier is not None and not overwrite:
         try:
@@ -66,8 +65,9 @@ def check_output(output: str, config: dict, *, overwrite: bool = False) -> list[
         shards |= {e.get("name") for e in earlier.get("shards", []) if isinstance(e, dict)}
     own = {fmt.INDEX_FILE, TOKENIZER_FILE, f"{REJECTS_DIR}/{REJECTS_FILE}", *shards}
     own |= {name + fmt.PARTIAL_SUFFIX for name in own}
-    # staging folders of in-place runs are the run's own (see pipeline/staging.py)
-    foreign = sorted(f for f in store.files(folder) if f not in own and not f.startswith(".staging-"))
+    # staging folders of in-place runs and the lock of object stores are the run's own (see pipeline/staging.py)
+    foreign = sorted(f for f in store.files(folder)
+                     if f not in own and not f.startswith(".staging-") and f != ".maskstream.lock")
     if foreign and not overwrite:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise UserError(f"--output {output} holds files that are not this dataset's own "

@@ -186,9 +186,11 @@ def test_object_store_output_commits_in_place_with_index_json_last(dataset, sotu
     before = {rel: store.read(store.join(url, rel)) for rel in got}
     monkeypatch.setattr(shards, "write_shard", failing_write_shard)
     with pytest.raises(Exception, match="No space left"):
-        job([sotu_subset], bert_json, url, *IN_MEMORY, "--num-shards", 3)
+        job([sotu_subset], bert_json, url, *IN_MEMORY, "--num-shards", 2)
     assert {rel: store.read(store.join(url, rel)) for rel in store.files(url)} == before   # untouched, no leftovers
     monkeypatch.undo()
+    with pytest.raises(UserError, match="holds another dataset"):
+        job([sotu_subset], bert_json, url, *IN_MEMORY, "--num-shards", 1)
     index = job([sotu_subset], bert_json, url, *IN_MEMORY, "--num-shards", 1, "--overwrite")
     names = sorted(rel for rel in store.files(url) if rel.startswith("shard-"))
     assert names == ["shard-000000.tar"] == [e["name"] for e in index["shards"]]   # the old second shard is gone
