@@ -19,6 +19,7 @@ from maskstream.pipeline import store
 from maskstream.pipeline.config import data_hash
 from maskstream.pipeline.packing import SeqBatch, shard_order
 from maskstream.pipeline.readers import REASONS
+from maskstream.pipeline.staging import INNER_STAGING, REMOTE_LOCK
 from maskstream.pipeline.store import is_local, join
 
 REJECTS_DIR = "rejects"
@@ -65,9 +66,9 @@ def check_output(output: str, config: dict, *, overwrite: bool = False) -> list[
         shards |= {e.get("name") for e in earlier.get("shards", []) if isinstance(e, dict)}
     own = {fmt.INDEX_FILE, TOKENIZER_FILE, f"{REJECTS_DIR}/{REJECTS_FILE}", *shards}
     own |= {name + fmt.PARTIAL_SUFFIX for name in own}
-    # staging folders of in-place runs and the lock of object stores are the run's own (see pipeline/staging.py)
+    # a staging folder and the lock inside OUT are the run's own (pipeline/staging.py), not foreign files
     foreign = sorted(f for f in store.files(folder)
-                     if f not in own and not f.startswith(".staging-") and f != ".maskstream.lock")
+                     if f not in own and not f.startswith(INNER_STAGING) and f != REMOTE_LOCK)
     if foreign and not overwrite:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise UserError(f"--output {output} holds files that are not this dataset's own "

@@ -32,7 +32,8 @@ from maskstream.pipeline import store
 
 OWN = re.compile(r"^(index\.json|tokenizer\.json|rejects/rejects\.jsonl|shard-[0-9]{6}\.tar)(\.partial)?$")
 _STAGED = re.compile(r"^\.(?P<name>.+)\.(staging|old)-[0-9A-Za-z-]+$")
-_INNER_STAGING = ".staging-"
+INNER_STAGING = ".staging-"            # OUT/.staging-RUN/: where an in-place run writes
+REMOTE_LOCK = ".maskstream.lock"       # OUT/.maskstream.lock: the lock where nothing lies beside OUT
 RENAME_EXCHANGE = 2
 
 
@@ -52,14 +53,14 @@ def new_run_id() -> str:
 def plan(output: str, run_id: str, *, swap: bool | None = None) -> Layout:
     """The layout of one run; swap=None: a sibling swap wherever the local folder allows it."""
     if not store.is_local(output):
-        return Layout(output=output, target=output, staging=store.join(output, _INNER_STAGING + run_id), swap=False)
+        return Layout(output=output, target=output, staging=store.join(output, INNER_STAGING + run_id), swap=False)
     target = os.path.realpath(store.local_path(output))
     parent, name = os.path.split(target)
     if os.path.exists(target) and not os.path.isdir(target):
         raise UserError(f"--output {output} is a file, not a folder; pass a folder (new or holding a dataset)")
     if swap is None:
         swap = os.access(parent, os.W_OK) and not (os.path.isdir(target) and os.path.ismount(target))
-    inner = os.path.join(target, _INNER_STAGING + run_id)
+    inner = os.path.join(target, INNER_STAGING + run_id)
     staging = os.path.join(parent, f".{name}.staging-{run_id}") if swap else inner
     return Layout(output=output, target=target, staging=staging, swap=swap)
 
@@ -98,7 +99,7 @@ def lock_path(output: str) -> str:
     if store.is_local(output):
         parent, name = os.path.split(os.path.realpath(store.local_path(output)))
         return os.path.join(parent, f".{name}.lock")
-    return store.join(output, ".maskstream.lock")
+    return store.join(output, REMOTE_LOCK)
 
 
 def _alive(pid: int) -> bool:
@@ -212,11 +213,11 @@ def clean_leftovers(layout: Layout) -> list[str]:
                 os.rename(old[-1], layout.target)
                 leftovers.remove(old[-1])
         inner = [os.path.join(layout.target, e) for e in (os.listdir(layout.target) if
-                 os.path.isdir(layout.target) else []) if e.startswith(_INNER_STAGING)]
+                 os.path.isdir(layout.target) else []) if e.startswith(INNER_STAGING)]
     else:
         leftovers = []
         inner = sorted({store.join(layout.target, rel.split("/")[0]) for rel in store.files(layout.target)
-                        if rel.startswith(_INNER_STAGING)})
+                        if rel.startswith(INNER_STAGING)})
     for folder in leftovers:
         for rel in store.files(folder):
             if not OWN.match(rel) and not os.path.exists(os.path.join(layout.target, rel)):
