@@ -31,6 +31,7 @@ from maskstream.loader.atomic import fsync_dir
 from maskstream.pipeline import store
 
 OWN = re.compile(r"^(index\.json|tokenizer\.json|rejects/rejects\.jsonl|shard-[0-9]{6}\.tar)(\.partial)?$")
+_LOCK_TEMP = re.compile(r"^\.(?P<name>.+)\.lock\.(stale-)?[0-9]{8}-[0-9]{6}-(?P<pid>[0-9]+)-[0-9a-f]+(\.partial)?$")
 _STAGED = re.compile(r"^\.(?P<name>.+)\.(staging|old)-[0-9A-Za-z-]+$")
 INNER_STAGING = ".staging-"            # OUT/.staging-RUN/: where an in-place run writes
 REMOTE_LOCK = ".maskstream.lock"       # OUT/.maskstream.lock: the lock where nothing lies beside OUT
@@ -214,6 +215,11 @@ def clean_leftovers(layout: Layout) -> list[str]:
                 leftovers.remove(old[-1])
         inner = [os.path.join(layout.target, e) for e in (os.listdir(layout.target) if
                  os.path.isdir(layout.target) else []) if e.startswith(INNER_STAGING)]
+        for e in os.listdir(parent):      # a lock's temporary names, left by a run killed while taking it
+            m = _LOCK_TEMP.match(e)
+            if m and m["name"] == name and not _alive(int(m["pid"])):
+                store.delete([os.path.join(parent, e)])
+                removed.append(os.path.join(parent, e))
     else:
         leftovers = []
         inner = sorted({store.join(layout.target, rel.split("/")[0]) for rel in store.files(layout.target)

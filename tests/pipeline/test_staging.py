@@ -129,6 +129,9 @@ def test_without_the_exchange_two_renames_swap_and_a_cut_between_them_is_repaire
     job([sotu_subset], bert_json, out, *IN_MEMORY, "--num-shards", 2)
     assert hashes(out) == clean and siblings(out) == []
     out.rename(tmp_path / ".out.old-20260101-000000-1-abc")         # killed between the two renames
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".out.lock.20260101-000000-{dead.pid}-abc").write_text("{")   # killed while taking the lock
     layout = staging.plan(str(out), "x")
     staging.clean_leftovers(layout)
     assert hashes(out) == clean and siblings(out) == []
