@@ -282,7 +282,7 @@ def commit(layout: Layout, foreign: list[str]) -> None:
     if layout.swap:
         _swap(layout, foreign)
     else:
-        _in_place(layout)
+        _in_place(layout, foreign)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -314,13 +314,14 @@ def _swap(layout: Layout, foreign: list[str]) -> None:
         staging = old
     fsync_dir(parent)
     if os.path.isdir(staging):
-        for rel in foreign:
+        # foreign as listed before the job, and any file not named like a dataset's (one added during the run)
+        for rel in sorted(set(foreign) | {rel for rel in store.files(staging) if not OWN.match(rel)}):
             if os.path.exists(os.path.join(staging, rel)) and not os.path.exists(os.path.join(target, rel)):
                 store.move(os.path.join(staging, rel), os.path.join(target, rel))
         store.remove_tree(staging)
 
 
-def _in_place(layout: Layout) -> None:
+def _in_place(layout: Layout, foreign: list[str]) -> None:
     staged = store.files(layout.staging)
     index = json.loads(store.read(store.join(layout.staging, fmt.INDEX_FILE))) \
         if fmt.INDEX_FILE in staged else None
@@ -330,7 +331,7 @@ def _in_place(layout: Layout) -> None:
             store.move(store.join(layout.staging, rel), store.join(layout.target, rel))
     listed = {e["name"] for e in index["shards"]} if index else set()
     stale = [rel for rel in store.files(layout.target)
-             if OWN.match(rel) and rel.startswith("shard-") and rel not in listed]
+             if OWN.match(rel) and rel.startswith("shard-") and rel not in listed and rel not in foreign]
     store.delete([store.join(layout.target, rel) for rel in stale])
     if index is not None:                                       # the commit point
         store.move(store.join(layout.staging, fmt.INDEX_FILE), store.join(layout.target, fmt.INDEX_FILE))

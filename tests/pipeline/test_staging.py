@@ -110,14 +110,25 @@ def test_a_run_that_writes_nothing_keeps_the_dataset_and_names_its_rejects(datas
 
 
 @pytest.mark.slow
-def test_overwrite_keeps_foreign_files_across_the_swap(dataset, sotu_subset, bert_json, tmp_path, job):
+@pytest.mark.parametrize("swap", [True, False])
+def test_overwrite_keeps_foreign_files_across_the_swap(dataset, sotu_subset, bert_json, tmp_path, monkeypatch, swap):
     out = copy_dataset(dataset, tmp_path / "out")
     (out / "notes.txt").write_text("mine")
     (out / "rejects" / "triage.txt").write_text("also mine")
-    index = job([sotu_subset], bert_json, out, *IN_MEMORY, "--num-shards", 1, "--overwrite")
+    (out / "shard-000099.tar").write_text("a shard-like file of mine")
+    real_commit = staging.commit
+
+    def commit_after_a_user_adds_a_file(layout, foreign):
+        (out / "added-during-the-run.txt").write_text("mine too")
+        real_commit(layout, foreign)
+    monkeypatch.setattr(staging, "commit", commit_after_a_user_adds_a_file)
+    index = pipeline_run.run(["--input", str(sotu_subset), "--tokenizer", str(bert_json), "--output", str(out),
+                              "--quiet", *IN_MEMORY, "--num-shards", "1", "--overwrite"], swap=swap)
     assert (out / "notes.txt").read_text() == "mine" and (out / "rejects" / "triage.txt").read_text() == "also mine"
-    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar"]
-    assert index["config"]["shard"]["output"] == str(out) and siblings(out) == [] and verifies(out)
+    assert (out / "added-during-the-run.txt").exists() and (out / "shard-000099.tar").exists()
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar", "shard-000099.tar"]
+    assert index["config"]["shard"]["output"] == str(out) and siblings(out) == []
+    assert [e["name"] for e in index["shards"]] == ["shard-000000.tar"]
 
 
 @pytest.mark.slow
