@@ -244,8 +244,8 @@ def run(argv=None, *, swap: bool | None = None) -> dict:
     with staging.Lock(output, ["maskstream preprocess", *argv], run_id) as lock:
         layout = staging.plan(output, run_id, swap=swap)
         removed = staging.clean_leftovers(layout)
-        if removed:
-            logging.info("removed what killed runs left: %s", ", ".join(removed))
+        if removed and not args.quiet:
+            print(f"preprocess: removed what killed runs left: {', '.join(removed)}", file=sys.stderr, flush=True)
         foreign = shards.check_output(output, config.to_dict(), overwrite=args.overwrite)
         start = time.perf_counter()
         if not args.quiet:
