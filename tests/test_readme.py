@@ -34,11 +34,15 @@ def test_the_readme_lists_examples_to_run():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)   # ~250 s of CPU in a dozen processes: past the default limit on a busy shared machine
 def test_every_command_example_and_the_loader_snippet_run_as_written(tmp_path):
     readme = (ROOT / "README.md").read_text()
     (tmp_path / "data").symlink_to(ROOT / "data")
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     env.pop("MASKSTREAM_DEBUG", None)
+    # NOTE: one torch thread per process, as torchrun sets: with several processes on 2 shared cores, spinning
+    # intra-op threads multiplied the examples' CPU time; the commands and their outputs are the same
+    env.setdefault("OMP_NUM_THREADS", "1")
     for block in blocks(section(readme, "The commands"), "bash"):
         done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)
