@@ -44,8 +44,11 @@ def check_tokenizer(expected: dict | None, source: str, loader: MLMLoader, what:
 
 @torch.no_grad()
 def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, world: int = 1,
-             max_batches: int = 0) -> dict:
-    """Held-out MLM loss (nats), masked-token accuracy, perplexity and the number of predictions."""
+             max_batches: int = 0, inputs=lambda batch: {}) -> dict:
+    """Held-out MLM loss (nats), masked-token accuracy, perplexity and the number of predictions.
+
+    inputs(batch): the model's further keyword inputs (the trainer's document ids and positions).
+    """
     was_training = model.training
     model.eval()
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -55,7 +58,7 @@ def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, worl
         if max_batches and i >= max_batches:
             break
         with amp:
-            logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **inputs(batch))
         targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
         sums[0] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
         sums[1] += (logits.argmax(dim=-1) == targets).sum()

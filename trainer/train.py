@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from maskstream.errors import MissingPath, PathExists, UserError
+from maskstream.loader import documents
+from maskstream.loader.schedule import parse_schedule
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 from maskstream.trainer import evaluate, run_folder
 from maskstream.trainer.checkpoint import Checkpointer, latest
@@ -37,6 +39,7 @@ DECAYS = {
 }
 MASKINGS = ("dataset", "dynamic", "static")
 ON_NONFINITE = ("stop", "skip")
+ATTENTIONS = ("doc", "full")  # doc: a token attends only within its document | full: across the whole row
 MAX_CONSECUTIVE_SKIPS = 10  # a run that skips this many updates in a row has diverged: stop even under skip
 
 
@@ -73,6 +76,9 @@ class TrainConfig:
     resume: str = ""               # "" new run | "latest" (refused without a checkpoint) | "auto" (fresh without one)
     on_nonfinite: str = "stop"     # stop | skip: what a NaN/inf loss or gradient norm does
     progress: bool = True
+    attention: str = "doc"         # doc | full (see ATTENTIONS)
+    mask_schedule: str = ""        # "" = the dataset's mask_prob | constant:P | linear:P0:P1 | cosine:P0:P1
+    mask_only: bool = False        # every selected token becomes the mask token (no 10 % random, 10 % unchanged)
 
     def __post_init__(self):
         if self.model_size not in PRESETS:
@@ -93,6 +99,10 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.resume not in ("", "latest", "auto"):
             raise ValueError(f"--resume {self.resume!r}; pass --resume (the latest checkpoint) or --resume auto")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"--attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
+        if self.mask_schedule:
+            parse_schedule(self.mask_schedule)
         if self.lr <= 0 or self.clip < 0:
             raise ValueError(f"--lr {self.lr} must be > 0 and --clip {self.clip} >= 0 (0 disables clipping)")
 
@@ -133,6 +143,13 @@ def parse_args(argv: list[str]) -> TrainConfig:
                    "norm stops the run (default), or skip drops that update and counts it (skipped_steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--attention", default="doc", choices=ATTENTIONS, help="doc (default): documents packed in "
+                   "one row never attend to each other, positions restart at each; full: attend across the row")
+    p.add_argument("--mask-schedule", default="", metavar="SCHEDULE", help="mask rate over the run, by step: "
+                   "constant:P | linear:P0:P1 | cosine:P0:P1 (default: the dataset's mask_prob); "
+                   "evaluation keeps the held-out set's fixed mask")
+    p.add_argument("--mask-only", action="store_true", help="replace every selected token by the mask token "
+                   "(instead of BERT's 80/10/10)")
     a = p.parse_args(argv)
     try:
         return TrainConfig(**vars(a))
@@ -212,6 +229,30 @@ def check_masking(cfg: TrainConfig, index: dict) -> None:
                          "or pass --masking dataset")
 
 
+def recipe(cfg: TrainConfig, loader: MLMLoader) -> None:
+    """--mask-only and --mask-schedule change how the loader masks: refused where masks are stored (static)."""
+    if (cfg.mask_only or cfg.mask_schedule) and loader.static_copies:
+        flag = "--mask-only" if cfg.mask_only else "--mask-schedule"
+        raise UserError(f"{flag} needs masks made while training, but {cfg.data} stores static masks; preprocess "
+                        f"with --masking dynamic, or drop {flag}")
+    if cfg.mask_only:
+        loader.masking = dataclasses.replace(loader.masking, mask_token_frac=1.0, random_token_frac=0.0)
+
+
+def mask_rate(run: Run) -> float:
+    """The mask rate of the current step: the schedule's, else the masking config's."""
+    if not run.cfg.mask_schedule:
+        return run.loader.masking.mask_prob
+    return parse_schedule(run.cfg.mask_schedule)(run.step, run.total_steps)
+
+
+def model_inputs(run: Run, batch: dict) -> dict:
+    """The document ids and positions the model gets under --attention doc (none under full)."""
+    if run.cfg.attention == "full":
+        return {}
+    return documents.model_inputs(batch, run.loader.index["tokenizer"].get("sep_id"))
+
+
 def check_out(cfg: TrainConfig, rank: int) -> None:
     """--out against --resume, before anything is built: a new run never overwrites checkpoints."""
     has_checkpoint = latest(Path(cfg.out)) is not None
@@ -239,12 +280,14 @@ def build(cfg: TrainConfig) -> Run:
                                               num_workers=cfg.num_workers),
                        rank=rank, world_size=world, device=str(device))
     check_masking(cfg, loader.index)
+    recipe(cfg, loader)
     vocab = loader.vocab
     overrides = {} if cfg.dropout < 0 else {"dropout": cfg.dropout}
     model_cfg = preset(cfg.model_size, vocab_size=vocab.size, max_len=loader.seq_len, pad_id=vocab.pad_id,
                        **overrides)
     torch.manual_seed(cfg.seed)  # the initial weights: the same on every rank
     raw = MLMEncoder(model_cfg).to(device)
+    raw.kernel = "flex" if device.type == "cuda" else "sdpa"  # document masks: flex skips masked blocks on GPUs
     torch.manual_seed(cfg.seed * 1000 + rank)  # dropout: a different stream per rank, saved in checkpoints
     decay = [p for p in raw.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw.parameters() if p.dim() < 2]
@@ -360,12 +403,16 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
     run.model.train()
     while run.step < run.total_steps:
         step_loss = torch.zeros((), device=device)
+        rate = mask_rate(run)
+        if cfg.mask_schedule:
+            run.loader.set_mask_rate(rate)  # the keyed rule at this step's rate: a resumed run masks the same
         for micro in range(cfg.grad_accum):
             batch = next(stream)
             sync = micro == cfg.grad_accum - 1 or run.world == 1
             ctx = run.model.no_sync() if not sync else _nullcontext()
             with ctx, amp:
-                _, loss = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                _, loss = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                    **model_inputs(run, batch))
                 (loss / cfg.grad_accum).backward()
             step_loss += loss.detach() / cfg.grad_accum
             tokens += batch["input_ids"].numel() * run.world
@@ -387,7 +434,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
             dt = time.perf_counter() - t0
             record = {"step": run.step, "epoch": round(epoch_of(run), 4), "loss": mean,
                       "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / dt, 1),
-                      "skipped_steps": run.counters["skipped_steps"]}
+                      "skipped_steps": run.counters["skipped_steps"], "mask_rate": rate}
             log_line(run, record)
             bar.set_postfix(loss=f"{mean:.3f}" if mean is not None else "-", tok_s=f"{tokens / dt:,.0f}",
                             epoch=f"{record['epoch']:.2f}")
@@ -398,7 +445,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
         paused = time.perf_counter()  # evaluation and checkpoint time is left out of tokens/s
         if run.eval_loader is not None and (done or (cfg.eval_every and run.step % cfg.eval_every == 0)):
             last_eval = evaluate.evaluate(run.raw_model, run.eval_loader, device=device, world=run.world,
-                                          max_batches=cfg.eval_batches)
+                                          max_batches=cfg.eval_batches, inputs=lambda b: model_inputs(run, b))
             log_line(run, {"step": run.step, "epoch": round(epoch_of(run), 4),
                            **{f"eval_{k}": v for k, v in last_eval.items()}})
             bar.write(f"step {run.step}: held-out loss {last_eval['loss']:.3f}  "
