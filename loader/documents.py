@@ -38,6 +38,11 @@ def separator_starts(input_ids: Tensor, lengths: Tensor, sep_id: int) -> Tensor:
 
 
 
+def attention_inputs(batch: dict, attention: str, index: dict) -> dict:
+    """The model's document inputs under `--attention` doc (model_inputs) or full ({}); index: the dataset's."""
+    return model_inputs(batch, index["tokenizer"].get("sep_id")) if attention == "doc" else {}
+
+
 def model_inputs(batch: dict, sep_id: int | None) -> dict:
     """{document_ids, position_ids} for the model: the batch's own (format v2), else found from separators
     (format v1), else {} (one document per row: no separator id to find them by)."""

@@ -246,13 +246,6 @@ def mask_rate(run: Run) -> float:
     return parse_schedule(run.cfg.mask_schedule)(run.step, run.total_steps)
 
 
-def model_inputs(run: Run, batch: dict) -> dict:
-    """The document ids and positions the model gets under --attention doc (none under full)."""
-    if run.cfg.attention == "full":
-        return {}
-    return documents.model_inputs(batch, run.loader.index["tokenizer"].get("sep_id"))
-
-
 def check_out(cfg: TrainConfig, rank: int) -> None:
     """--out against --resume, before anything is built: a new run never overwrites checkpoints."""
     has_checkpoint = latest(Path(cfg.out)) is not None
@@ -412,7 +405,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
             ctx = run.model.no_sync() if not sync else _nullcontext()
             with ctx, amp:
                 _, loss = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                    **model_inputs(run, batch))
+                                    **documents.attention_inputs(batch, cfg.attention, run.loader.index))
                 (loss / cfg.grad_accum).backward()
             step_loss += loss.detach() / cfg.grad_accum
             tokens += batch["input_ids"].numel() * run.world
@@ -445,7 +438,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
         paused = time.perf_counter()  # evaluation and checkpoint time is left out of tokens/s
         if run.eval_loader is not None and (done or (cfg.eval_every and run.step % cfg.eval_every == 0)):
             last_eval = evaluate.evaluate(run.raw_model, run.eval_loader, device=device, world=run.world,
-                                          max_batches=cfg.eval_batches, inputs=lambda b: model_inputs(run, b))
+                                          max_batches=cfg.eval_batches, attention=cfg.attention)
             log_line(run, {"step": run.step, "epoch": round(epoch_of(run), 4),
                            **{f"eval_{k}": v for k, v in last_eval.items()}})
             bar.write(f"step {run.step}: held-out loss {last_eval['loss']:.3f}  "

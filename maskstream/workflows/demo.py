@@ -145,7 +145,7 @@ def report(out: Path, run_dir: Path, seconds: float) -> dict:
 
     model, config = evaluate.load_run(run_dir)
     held_out = evaluate.eval_loader(str(out / "shards" / "held_out"), batch_size=32)
-    ours = evaluate.evaluate(model, held_out, device=torch.device("cpu"))
+    ours = evaluate.evaluate(model, held_out, device=torch.device("cpu"), attention=evaluate.run_attention(config))
     train = MLMLoader(str(out / "shards" / "train"), LoaderConfig(batch_size=64, remainder="wrap"))
     base = evaluate.unigram_baseline(train, held_out)
     tokenizer = evaluate.load_tokenizer(run_dir)
