@@ -34,6 +34,6 @@ PY
 FILES=$(grep -l "pytest.mark.gpu" tests/*/*.py tests/*.py 2>/dev/null | sort)
 set +e
 # shellcheck disable=SC2086
-timeout 300 "$PY" -P -m pytest -q -p no:cacheprovider -m gpu -o addopts="" --junitxml="$BUNDLE/out/gpu-tests.xml" $FILES
+timeout 240 "$PY" -P -m pytest -q -p no:cacheprovider -m gpu -o addopts="" --junitxml="$BUNDLE/out/gpu-tests.xml" $FILES
 set -e
-exec timeout 240 "$PY" -P -m maskstream.bench.gpu_proof --data "$BUNDLE/data" --junit "$BUNDLE/out/gpu-tests.xml" $DRY
+exec timeout 200 "$PY" -P -m maskstream.bench.gpu_proof --data "$BUNDLE/data" --junit "$BUNDLE/out/gpu-tests.xml" $DRY
