@@ -86,7 +86,6 @@ def training(loader: MLMLoader, device: torch.device, *, size: str, steps: int, 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     run = torch.compile(model) if compile_ else model
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    sep_id = loader.index["tokenizer"].get("sep_id")
 
     def batches():
         while True:
@@ -100,7 +99,7 @@ def training(loader: MLMLoader, device: torch.device, *, size: str, steps: int, 
         t1 = time.perf_counter()
         with amp:
             _, loss = run(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                          **documents.model_inputs(batch, sep_id))
+                          **documents.attention_inputs(batch, "doc"))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

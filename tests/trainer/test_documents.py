@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from maskstream.loader import documents
+from maskstream.loader.stages import document_fields
 from maskstream.trainer.model import MLMEncoder, preset
-
-SEP = 3
 
 
 def packed(doc_lengths: list[list[int]], seq_len: int, seed: int = 0):
@@ -28,24 +27,21 @@ def packed(doc_lengths: list[list[int]], seq_len: int, seed: int = 0):
     return ids, mask, starts, docs
 
 
-def test_document_ids_count_starts_and_positions_restart_at_each():
-    starts = torch.tensor([[1, 0, 0, 1, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    document_ids, position_ids = documents.from_starts(starts)
-    assert document_ids.dtype == torch.int32 and position_ids.dtype == torch.int64
-    assert document_ids.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1]]
-    assert position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]]
+def fields(starts, mask):
+    """(document_ids, position_ids) as the loader makes them (loader.stages.document_fields) for these starts."""
+    inside = starts.clone()
+    inside[:, 0] = False  # the loader records starts inside a row; position 0 always starts one
+    ids, positions = document_fields(inside.numpy(), mask.sum(dim=1).numpy())
+    return torch.from_numpy(ids), torch.from_numpy(positions)
 
 
-def test_format_v1_documents_start_after_each_separator_inside_the_real_tokens():
-    ids = torch.tensor([[2, 7, 8, SEP, 9, SEP, 6, SEP, 0, 0]])
-    starts = documents.separator_starts(ids, torch.tensor([8]), SEP)
-    assert starts.nonzero()[:, 1].tolist() == [4, 6]  # not 8: the row's own closing separator ends it
-    batch = {"input_ids": ids, "attention_mask": torch.arange(10)[None] < 8}
-    got = documents.model_inputs(batch, SEP)
-    assert got["document_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2, 2]]
-    assert documents.model_inputs(batch, None) == {}  # no separator known: one document per row
-    given = {**batch, "document_ids": torch.zeros(1, 10, dtype=torch.int32), "position_ids": torch.arange(10)[None]}
-    assert documents.model_inputs(given, SEP)["document_ids"] is given["document_ids"]  # format v2: the batch's
+def test_doc_attention_takes_the_batchs_document_fields_and_full_attention_none():
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.int64), "document_ids": torch.zeros(1, 4, dtype=torch.int32),
+             "position_ids": torch.arange(4)[None]}
+    got = documents.attention_inputs(batch, "doc")
+    assert got["document_ids"] is batch["document_ids"] and got["position_ids"] is batch["position_ids"]
+    assert documents.attention_inputs(batch, "full") == {}
+    assert documents.attention_inputs({"input_ids": batch["input_ids"]}, "doc") == {}  # one document per row
 
 
 @pytest.mark.parametrize("rope", [True, False])
@@ -53,7 +49,7 @@ def test_doc_aware_attention_over_a_packed_row_equals_each_document_run_alone(ro
     torch.manual_seed(0)
     model = MLMEncoder(preset("tiny", vocab_size=97, max_len=32, rope=rope)).eval()
     ids, mask, starts, docs = packed([[5, 9, 11], [14, 7], [32]], seq_len=32)
-    document_ids, position_ids = documents.from_starts(starts)
+    document_ids, position_ids = fields(starts, mask)
     with torch.no_grad():
         hidden = model.encode(ids, mask, document_ids=document_ids, position_ids=position_ids)
         for r, lo, n in docs:
@@ -68,7 +64,7 @@ def test_one_document_per_row_is_full_attention():
     torch.manual_seed(0)
     model = MLMEncoder(preset("tiny", vocab_size=97, max_len=16)).eval()
     ids, mask, starts, _ = packed([[16], [10]], seq_len=16)
-    document_ids, position_ids = documents.from_starts(starts)
+    document_ids, position_ids = fields(starts, mask)
     with torch.no_grad():
         doc = model.encode(ids, mask, document_ids=document_ids, position_ids=position_ids)
         torch.testing.assert_close(doc[mask], model.encode(ids, mask)[mask], atol=1e-5, rtol=1e-5)
@@ -79,7 +75,7 @@ def test_the_flex_attention_kernel_gives_the_sdpa_outputs():
     torch.manual_seed(0)
     model = MLMEncoder(preset("tiny", vocab_size=97, max_len=32)).eval()
     ids, mask, starts, _ = packed([[5, 9, 11], [14, 7]], seq_len=32)
-    inputs = dict(zip(("document_ids", "position_ids"), documents.from_starts(starts), strict=True))
+    inputs = dict(zip(("document_ids", "position_ids"), fields(starts, mask), strict=True))
     with torch.no_grad():
         sdpa = model.encode(ids, mask, **inputs)
         model.kernel = "flex"

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_documents import packed
+from test_documents import fields, packed
 
-from maskstream.loader import documents
 from maskstream.trainer.model import MASKS, MLMEncoder, preset
 
 
@@ -17,8 +16,8 @@ def test_doc_aware_attention_on_the_gpu_equals_each_document_run_alone(kernel, b
     model = MLMEncoder(preset("mini", vocab_size=97, max_len=256, dropout=0.0)).cuda().eval()
     model.kernel = kernel
     ids, mask, starts, docs = packed([[40, 90, 126], [200, 56], [256], [17, 3, 100]], seq_len=256)
-    ids, mask, starts = ids.cuda(), mask.cuda(), starts.cuda()
-    document_ids, position_ids = documents.from_starts(starts)
+    document_ids, position_ids = (t.cuda() for t in fields(starts, mask))
+    ids, mask = ids.cuda(), mask.cuda()
     tol = dict(atol=6e-2, rtol=6e-2) if bf16 else dict(atol=1e-4, rtol=1e-4)  # bf16: kernels round apart
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         hidden = model.encode(ids, mask, document_ids=document_ids, position_ids=position_ids).float()
