@@ -59,3 +59,12 @@ def test_a_malformed_schedule_flag_is_refused_before_anything_is_built(tmp_path,
     with pytest.raises(SystemExit):
         parse_args(flags(tmp_path, tmp_path / "run", "--max-steps", "1", "--mask-schedule", "linear:0.3"))
     assert "--mask-schedule 'linear:0.3' is malformed; write one of constant:0.15" in capsys.readouterr().err
+
+
+def test_attention_defaults_to_doc_and_to_full_for_a_transformers_model(tmp_path):
+    from maskstream.trainer.train import TrainConfig
+    common = dict(data=str(tmp_path), out=str(tmp_path / "run"), max_steps=1)
+    assert TrainConfig(**common).attention == "doc"
+    assert TrainConfig(**common, hf_config="bert.json").attention == "full"
+    with pytest.raises(ValueError, match="--attention doc needs maskstream's encoder"):
+        TrainConfig(**common, hf_config="bert.json", attention="doc")
