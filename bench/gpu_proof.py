@@ -12,6 +12,7 @@ loader.documents, fused AdamW, one host sync per step (the trainer's finite-loss
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import sys
 import time
@@ -115,25 +116,39 @@ def training(loader: MLMLoader, device: torch.device, *, size: str, steps: int, 
     return 1e3 * step_s, sum(waits) / sum(totals), tokens_per_s, mfu, name
 
 
+class _OutOfTime(Exception):
+    pass
+
+
+def within(seconds: int, fn):
+    """fn() or _OutOfTime after `seconds` (SIGALRM): a slow compile must not keep the table from coming out."""
+    def stop(signum, frame):
+        raise _OutOfTime(f"over {seconds} s")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def measure(args) -> list[tuple]:
+    """The eager model first (the trainer's default: compiled flex attention inside), then, time allowing, the
+    compiled model; the MFU target is judged on the faster of the two."""
     device = torch.device("cpu" if args.dry else "cuda")
     size, batch_size, steps, warmup = ("tiny", 4, 3, 1) if args.dry else (args.model_size, args.batch_size, 26, 4)
     loader = MLMLoader(args.data, LoaderConfig(batch_size=batch_size, seed=0, num_workers=args.num_workers),
                        device=str(device))
-    rows, compiled = [], not args.dry and not args.no_compile
+    run = lambda compile_: training(loader, device, size=size, steps=steps, warmup=warmup,  # noqa: E731
+                                    compile_=compile_)
     try:
-        step_ms, wait, tps, mfu, name = training(loader, device, size=size, steps=steps, warmup=warmup,
-                                                 compile_=compiled)
+        step_ms, wait, tps, mfu, name = within(args.budget_s, lambda: run(False))
     except Exception as e:  # noqa: BLE001 - the table must still come out, naming what failed
-        rows.append((f"{size} doc-aware training step{', compiled' if compiled else ''}",
-                     f"FAILED: {type(e).__name__}: {e}"[:160], "-", False))
-        if not compiled:
-            return rows
-        compiled = False  # the trainer's default: eager model, compiled flex attention
-        step_ms, wait, tps, mfu, name = training(loader, device, size=size, steps=steps, warmup=warmup,
-                                                 compile_=False)
-    precision = ("bf16" if device.type == "cuda" else "fp32") + (", compiled" if compiled else "")
+        return [(f"{size} doc-aware training step", f"FAILED: {type(e).__name__}: {e}"[:160], "-", False)]
+    precision = "bf16" if device.type == "cuda" else "fp32"
     shape = f"{size} {precision}, B={batch_size}, L={loader.seq_len}, doc-aware, {name}"
+    rows = []
     for label, rate in (("dataset rate", None), ("schedule at 30 %", 0.3)):
         ms = masking_ms(loader, device, rate, repeat=5 if args.dry else 50)
         share = 100 * ms / step_ms
@@ -142,8 +157,16 @@ def measure(args) -> list[tuple]:
     rows.append((f"data wait, share of a step ({args.num_workers} workers)", f"{100 * wait:.2f} %",
                  f"< {TARGETS['data_wait']:g} %", 100 * wait < TARGETS["data_wait"]))
     rows.append((f"tokens/s, {shape}", f"{tps:,.0f}", "-", True))
-    rows.append(("model-FLOPs utilization", f"{100 * mfu:.1f} %", f">= {TARGETS['mfu']:g} %",
-                 100 * mfu >= TARGETS["mfu"]))
+    best = mfu
+    if not args.dry and not args.no_compile:
+        try:
+            _, _, tps_c, mfu_c, _ = within(args.budget_s, lambda: run(True))
+            rows.append((f"tokens/s, {shape}, torch.compile", f"{tps_c:,.0f} (MFU {100 * mfu_c:.1f} %)", "-", True))
+            best = max(best, mfu_c)
+        except Exception as e:  # noqa: BLE001
+            rows.append(("tokens/s, torch.compile", f"FAILED: {type(e).__name__}: {e}"[:160], "-", False))
+    rows.append(("model-FLOPs utilization (the faster)", f"{100 * best:.1f} %", f">= {TARGETS['mfu']:g} %",
+                 100 * best >= TARGETS["mfu"]))
     return rows
 
 
@@ -163,7 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-size", default="base")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--no-compile", action="store_true", help="time the eager model (torch.compile off)")
+    p.add_argument("--no-compile", action="store_true", help="time the eager model only (no torch.compile)")
+    p.add_argument("--budget-s", type=int, default=80, help="seconds each timed training may take")
     args = p.parse_args(argv)
     if not args.dry and not torch.cuda.is_available():
         p.error("torch sees no CUDA device; pass --dry to check the script on the CPU")
