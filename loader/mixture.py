@@ -11,9 +11,9 @@ to the mixture file. The stream is one endless run of global batches of G = worl
 1. counts: global step s takes c_i(s) sequences from source i, floor or ceil of w_i * G (so every global batch
    holds each share to within one sequence); which sources get the rounded-up extra is the largest remainder
    carried across steps (credits), so the long-run share is exact;
-2. partitions: the G seats of a step, laid out source after source, are dealt round-robin to the P canonical
-   partitions starting at partition s % P, so every partition gets g = G / P seats and each source reaches
-   every partition evenly over the steps;
+2. partitions: each of the P canonical partitions gets g = G / P of a step's seats: c_i // P of every source,
+   and the c_i % P extras one per partition, filled so each source reaches every partition evenly over the
+   steps (the partitions it has given least to first);
 3. sources: partition q reads its own sub-stream of each source: pass pi of source i is the source's epoch
    stream for epoch pi (records and sequences permuted by (seed, pi), as for one dataset) cut into P chunks of
    N_i // P; chunk q of pass 0, then of pass 1, ... (the N_i % P sequences at a pass's end are skipped, others
@@ -146,10 +146,12 @@ def check_compatible(mixture: Mixture, datasets) -> None:
 
 def shares(mixture: Mixture, datasets) -> list[Fraction]:
     """Each source's exact share of every batch (weights normalized; repeats times sizes)."""
+    # NOTE: Fraction(str(x)) reads 0.7 as 7/10, as written, not as the binary float nearest to it
     if mixture.sources[0].weight is not None:
-        raw = [Fraction(s.weight) for s in mixture.sources]
+        raw = [Fraction(str(s.weight)) for s in mixture.sources]
     else:
-        raw = [Fraction(s.repeat) * ds.table.num_sequences for s, ds in zip(mixture.sources, datasets, strict=True)]
+        raw = [Fraction(str(s.repeat)) * ds.table.num_sequences
+               for s, ds in zip(mixture.sources, datasets, strict=True)]
     total = sum(raw)
     return [w / total for w in raw]
 
@@ -176,13 +178,16 @@ def fingerprint(mixture: Mixture, datasets, share, epoch_size: int) -> str:
 
 # ---- the plan: counts per step, per partition, and each source's passes -------------------------------------
 
-@dataclass(frozen=True)
+@dataclass
 class Cursor:
     """Where the stream stands before global step `step`: credits, sequences taken per source and partition."""
     step: int
-    credit: tuple[int, ...]                 # per source, in 1/denominator units
-    taken: tuple[int, ...]                  # per source, A_i
-    taken_by: tuple[tuple[int, ...], ...]   # per source, per partition: J_iq
+    credit: list[int]          # per source, carried remainders in 1/denominator units
+    taken: list[int]           # per source: A_i, sequences taken so far
+    taken_by: list[list[int]]  # per source, per partition: J_iq, the position in sub-stream (i, q)
+
+    def copy(self) -> Cursor:
+        return Cursor(self.step, list(self.credit), list(self.taken), [list(js) for js in self.taken_by])
 
 
 @dataclass
@@ -206,47 +211,57 @@ class MixPlan:
         self.extra = sum(self.frac) // denom             # seats left after the floors
         self.chunk = tuple(t.num_sequences // self.partitions for t in self.tables)  # N_i // P
 
-    def counts(self, credit: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(c_i for this step, credits after it): floors, plus one for the `extra` largest carried remainders."""
-        credit = [c + f for c, f in zip(credit, self.frac, strict=True)]
-        top = sorted(range(len(credit)), key=lambda i: (-credit[i], i))[:self.extra]
+    def advance(self, cur: Cursor) -> tuple[list[int], list[list[int]]]:
+        """Step cur past cur.step (in place); returns that step's c_i and c_iq."""
+        credit, k = cur.credit, len(cur.credit)
+        for i in range(k):
+            credit[i] += self.frac[i]
         counts = list(self.base)
-        for i in top:
+        # the `extra` seats left after the floors go to the largest carried remainders (ties: lower source)
+        for i in sorted(range(k), key=lambda i: (-credit[i], i))[:self.extra]:
             counts[i] += 1
             credit[i] -= self.denominator
-        return tuple(counts), tuple(credit)
+        rows = self.dealt(cur.step, counts, cur.taken_by)
+        for i in range(k):
+            cur.taken[i] += counts[i]
+            js, row = cur.taken_by[i], rows[i]
+            for q in range(self.partitions):
+                js[q] += row[q]
+        cur.step += 1
+        return counts, rows
 
-    def dealt(self, step: int, counts: tuple[int, ...]) -> list[list[int]]:
-        """c_iq: the step's seats, source after source, dealt round-robin to partitions from step % P."""
-        p, out, offset = self.partitions, [], step
-        for c in counts:
-            row = [c // p] * p
-            for k in range(c % p):
-                row[(offset + k) % p] += 1
-            out.append(row)
-            offset += c
-        return out
+    def dealt(self, step: int, counts: list[int], taken_by) -> list[list[int]]:
+        """c_iq: each source's c_i // P to every partition, then its c_i % P extras one per partition.
 
-    def advance(self, cur: Cursor) -> tuple[Cursor, tuple[int, ...], list[list[int]]]:
-        """The cursor after cur.step, with that step's counts per source and per source and partition."""
-        counts, credit = self.counts(cur.credit)
-        by = self.dealt(cur.step, counts)
-        cur = Cursor(cur.step + 1, credit, tuple(a + c for a, c in zip(cur.taken, counts, strict=True)),
-                     tuple(tuple(j + d for j, d in zip(js, ds, strict=True))
-                           for js, ds in zip(cur.taken_by, by, strict=True)))
-        return cur, counts, by
+        The extras fill each partition to exactly g: Ryser's greedy (a source's extras go to the partitions with
+        the most room left; for a 0/1 matrix with these row and column sums it never gets stuck), ties going to
+        the partitions the source has given least so far, so each source reaches every partition evenly.
+        """
+        p, k = self.partitions, len(counts)
+        rows = [[c // p] * p for c in counts]
+        extras = [c % p for c in counts]
+        if not any(extras):
+            return rows
+        room = [sum(extras) // p] * p
+        for i in sorted(range(k), key=lambda i: (-extras[i], (i - step) % k)):
+            if extras[i]:
+                js = taken_by[i]
+                best = sorted((-room[q], js[q], (q - step) % p, q) for q in range(p))[:extras[i]]
+                for *_, q in best:
+                    rows[i][q] += 1
+                    room[q] -= 1
+        return rows
 
     def cursor(self, step: int) -> Cursor:
-        """The cursor before global step `step`, replayed from the nearest kept snapshot."""
+        """A copy of the cursor before global step `step`, replayed from the nearest kept snapshot."""
         k = len(self.share)
-        cur = Cursor(0, (0,) * k, (0,) * k, ((0,) * self.partitions,) * k)
         below = [s for s in self._snapshots if s <= step]
-        if below:
-            cur = self._snapshots[max(below)]
+        cur = self._snapshots[max(below)].copy() if below else \
+            Cursor(0, [0] * k, [0] * k, [[0] * self.partitions for _ in range(k)])
         while cur.step < step:
-            cur = self.advance(cur)[0]
+            self.advance(cur)
             if cur.step % SNAPSHOT_EVERY == 0:
-                self._snapshots[cur.step] = cur
+                self._snapshots[cur.step] = cur.copy()
         return cur
 
     def epoch(self, epoch: int, world_size: int, start_batch: int = 0) -> MixEpoch:
@@ -286,14 +301,13 @@ class MixEpoch:
     def specs(self, rank: int, start_batch: int):
         """Stage: the rank's batches from start_batch to the epoch's end, as BatchSpecs."""
         assert start_batch == self.start_batch, (start_batch, self.start_batch)
-        plan, cur = self.plan, self.start
+        plan, cur = self.plan, self.start.copy()
         per_rank = plan.partitions // self.world_size
         for b in range(start_batch, plan.steps_per_epoch):
-            before = cur
-            cur, _, by = plan.advance(cur)
+            _, rows = plan.advance(cur)
             segments = []
             for q in range(rank * per_rank, (rank + 1) * per_rank):
-                for i, row in enumerate(by):
-                    if row[q]:
-                        segments += plan.segments(i, q, before.taken_by[i][q], row[q])
+                for i, row in enumerate(rows):
+                    if row[q]:  # positions [J_iq before this step, + c_iq) of sub-stream (i, q)
+                        segments += plan.segments(i, q, cur.taken_by[i][q] - row[q], row[q])
             yield BatchSpec(b, tuple(segments))
