@@ -11,7 +11,7 @@ from helpers import build_dataset, collect
 
 from maskstream.errors import UserError
 from maskstream.loader import format as fmt
-from maskstream.loader.mixture import MixPlan, Mixture, MixSource
+from maskstream.loader.mixture import MixPlan, MixSource, Mixture
 from maskstream.loader.order import RecordTable
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 
