@@ -73,7 +73,8 @@ class RecordCache:
             self._make_room(n)
         # NOTE: no fsync: a cache file cut short by a crash fails its crc32 and is fetched again
         atomic_write(path, data + struct.pack("<I", zlib.crc32(data)) + MAGIC, durable=False)
-        self._used += n
+        if self._used is not None:
+            self._used += n
 
     def _make_room(self, n: int) -> None:
         self._puts += 1
