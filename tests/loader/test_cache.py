@@ -3,12 +3,14 @@ workers and loaders, evicted least-recently-used within its limit, never used fo
 import os
 
 import pytest
+import test_http
 import torch
 from helpers import build_dataset, collect
-from test_http import ShardHandler, server  # noqa: F401 (the server fixture)
 
 from maskstream.errors import UserError
 from maskstream.loader.stream import LoaderConfig, MLMLoader
+
+server = test_http.server  # the fixture: a real ThreadingHTTPServer on 127.0.0.1 serving `uneven`
 
 
 def shard_requests(server):
