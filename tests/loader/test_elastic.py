@@ -1,9 +1,15 @@
 """Elastic resume: the global batches are a pure function of (dataset, seed, epoch, world x batch, partitions),
 so a state saved on W ranks of batch B resumes on W' ranks of B' (W*B = W'*B', W' dividing the partitions)
 with bitwise the same global batches and masks; ranks read only their partitions' records."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import build_dataset, collect
+from helpers import build_dataset, collect, free_port
 
 from maskstream.errors import UserError
 from maskstream.loader.stream import LoaderConfig, MLMLoader
@@ -31,6 +37,38 @@ def global_batches(root, world, batch, *, partitions=8, epoch=0, state=None, wor
 
 def same(a, b):
     return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def gloo_run(root, out, world, batch, *, workers=0, state="", save_at=0):
+    """Run elastic_worker.py on `world` real processes; rank 0's global batches from the loader's position on."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(HERE / "elastic_worker.py"), str(r), str(world), str(batch),
+                               str(workers), str(root), str(port), str(out), str(state), str(save_at)],
+                              cwd=HERE.parents[1], env={**os.environ, "PYTHONPATH": str(HERE.parents[1])})
+             for r in range(world)]
+    try:
+        codes = [p.wait(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0] * world
+    return json.loads(Path(out).read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_gloo_2x8_to_step_k_resumes_on_4x4_and_1x16_with_every_later_global_batch_equal(records, tmp_path):
+    k = 17
+    uninterrupted = gloo_run(records, tmp_path / "2x8", 2, 8, save_at=k)
+    assert len(uninterrupted) == 960 // 16
+    state = tmp_path / "2x8.state"
+    assert json.loads(state.read_text())["sequences_consumed"] == k * 8
+    for world, batch, workers in ((4, 4, 0), (1, 16, 2)):
+        tail = gloo_run(records, tmp_path / f"{world}x{batch}", world, batch, workers=workers, state=state)
+        assert tail == uninterrupted[k:], f"resumed on {world} x {batch}"
 
 
 def test_every_split_of_the_global_batch_over_ranks_gives_the_same_global_batches(records):
