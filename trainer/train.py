@@ -102,7 +102,8 @@ class TrainConfig:
 
 def parse_args(argv: list[str]) -> TrainConfig:
     p = argparse.ArgumentParser(prog="maskstream train", description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help="shard folder or URL prefix holding index.json")
+    p.add_argument("--data", required=True, help="shard folder or URL prefix holding index.json, or a mixture "
+                   "file (.json: sources with weights, see the README)")
     p.add_argument("--out", required=True, help="run folder: config, metrics, plot, checkpoints")
     p.add_argument("--model-size", default="tiny", choices=list(PRESETS))
     p.add_argument("--max-steps", type=int, default=0)
@@ -281,7 +282,7 @@ def build(cfg: TrainConfig) -> Run:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         run_folder.write_config(out, run_config(run))
-        run_folder.copy_tokenizer(out, data=cfg.data, index=loader.index, given=cfg.tokenizer)
+        run_folder.copy_tokenizer(out, data=loader.datasets[0].root, index=loader.index, given=cfg.tokenizer)
         run_folder.truncate_metrics(out, run.step)
     return run
 

@@ -168,3 +168,17 @@ def test_resume_refuses_a_folder_whose_every_checkpoint_is_damaged(sotu_split, t
     (out / "ckpt-0000004.pt").write_bytes(b"half a checkpoint")
     with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
         main(flags(train_dir, out, "--max-steps", "8", "--resume"))
+
+
+@pytest.mark.slow
+def test_train_takes_a_mixture_file_as_data(sotu_split, tmp_path):
+    train_dir, held_out = sotu_split
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({"sources": [{"path": str(train_dir), "weight": 0.75, "name": "train"},
+                                           {"path": str(held_out), "weight": 0.25, "name": "held"}]}))
+    out = tmp_path / "run"
+    assert main(flags(mix, out, "--max-steps", "3")) == 0
+    assert len([r for r in metrics(out) if "loss" in r]) == 3
+    assert (out / "tokenizer.json").is_file(), "copied from the first source"
+    ckpt = checkpoint.load(checkpoint.latest(out))
+    assert ckpt["loader"]["sequences_consumed"] == 24 and ckpt["loader"]["partitions"] == 1
