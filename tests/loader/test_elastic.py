@@ -99,6 +99,8 @@ def test_the_default_partitions_are_the_world_size_and_resume_where_they_divide(
     alone.load_state_dict(state)  # 1 rank can read both partitions
     assert alone.partitions == 2
     assert same(global_batches(records, 1, 16, partitions=2), global_batches(records, 2, 8, partitions=0))
+    old = {k: v for k, v in state.items() if k != "partitions"} | {"format_version": 1}
+    MLMLoader(records, LoaderConfig(batch_size=16)).load_state_dict(old)  # version 1: partitions = its world
     with pytest.raises(ValueError, match="its 2 canonical partitions cannot be shared by 4 ranks"):
         MLMLoader(records, LoaderConfig(batch_size=4), world_size=4).load_state_dict(state)
     with pytest.raises(ValueError, match="partitions=2 in the checkpoint but 8 here"):
