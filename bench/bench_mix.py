@@ -16,8 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from maskstream.bench import bench_loader
 from maskstream.bench.common import Row
 from maskstream.loader.order import BatchSpec, Segment
@@ -117,12 +115,8 @@ def spec_slice(spec, lo: int, hi: int):
 
 
 def run(args) -> list[Row]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as bench_loader: one intra-op thread for every contender
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    """One intra-op torch thread for every contender, for the reason bench_loader.run gives."""
+    return bench_loader.run(args, body=_run)
 
 
 def _run(args) -> list[Row]:
