@@ -157,3 +157,15 @@ def test_a_bad_mixture_file_is_refused_in_one_line(sources, spec, message):
     mix_file.write_text(json.dumps(spec))
     with pytest.raises(UserError, match=message):
         MLMLoader(mix_file, LoaderConfig())
+
+
+def test_masking_in_the_workers_gives_the_device_masks_and_epoch_tokens_sizes_the_epoch(sources):
+    mix_file, roots = sources
+    on_device = collect(MLMLoader(mix_file, LoaderConfig(batch_size=20, seed=9)))
+    in_workers = collect(MLMLoader(mix_file, LoaderConfig(batch_size=20, seed=9, num_workers=1, mask_on="worker")))
+    assert same(on_device, in_workers)
+    mixture = Mixture(sources=(MixSource(path=str(roots["big"]), weight=1), MixSource(path=str(roots["mid"]),
+                                                                                    weight=1)), epoch_tokens=10_000)
+    loader = MLMLoader(mixture, LoaderConfig(batch_size=10))
+    per_seq = sum(loader.datasets[i].index["counts"]["tokens"] / n for i, n in ((0, 300), (1, 120))) / 2
+    assert loader.batches_per_epoch == -(-10_000 // per_seq) // 10
