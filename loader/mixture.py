@@ -22,7 +22,7 @@ to the mixture file. The stream is one endless run of global batches of G = worl
 
 Everything is a pure function of (sources, weights, seed, G, P, step): any worker count, any world size that
 divides P (rank r owns partitions [r*P/W, (r+1)*P/W)), and exact resume from the step alone. The counts of
-steps before s are replayed (a few microseconds a step), from the nearest snapshot kept in the process.
+steps before s are replayed (tens of microseconds a step), from the nearest snapshot kept in the process.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from fractions import Fraction
 from maskstream.errors import UserError
 from maskstream.loader.order import BatchSpec, epoch_order
 
-SNAPSHOT_EVERY = 1024  # steps between kept cursors: a resume replays at most this many from the nearest
+SNAPSHOT_EVERY = 1024  # steps between the cursors a process keeps; cursor(s) replays from the nearest below s
 
 
 @dataclass(frozen=True, kw_only=True)
