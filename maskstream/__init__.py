@@ -2,7 +2,7 @@
 
 The public API is imported lazily, so `import maskstream` alone loads neither torch nor Apache Beam:
 
-    from maskstream import MLMLoader, LoaderConfig, MaskingConfig
+    from maskstream import MLMLoader, LoaderConfig, MaskingConfig, Mixture, MixSource
 
 Subpackages: `maskstream.pipeline` (the Beam job), `maskstream.loader` (format, masking, streaming),
 `maskstream.trainer` (the MLM encoder and its loop), `maskstream.workflows` (demo and experiment).
@@ -18,6 +18,8 @@ _EXPORTS = {
     "MLMLoader": "maskstream.loader.stream",
     "LoaderConfig": "maskstream.loader.stream",
     "MaskingConfig": "maskstream.loader.maskconfig",
+    "Mixture": "maskstream.loader.mixture",
+    "MixSource": "maskstream.loader.mixture",
 }
 
 __all__ = sorted(_EXPORTS)
