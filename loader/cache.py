@@ -7,9 +7,10 @@ bytes and an 8-byte trailer (crc32 and a magic), put in place by loader.atomic (
 sees a whole record or none. FINGERPRINT is the sha256 of the dataset's index.json: a cache of another dataset,
 or of another version of this one, is never read. A hit is checked (length and crc32; a bad file is removed and
 fetched again) and its mtime touched; when a write would pass the limit, the least recently used files are
-removed first. The folder is the only shared state (no shared memory, no locks): processes that race write the
-same bytes, and one that finds a file gone just fetches it again. Each process keeps the folder's size as an
-estimate, rescanned when its estimate passes the limit, so the limit holds to within a record per process.
+removed first, down to 90 % of the limit. The folder is the only shared state (no shared memory, no locks):
+processes that race write the same bytes, and one that finds a file gone just fetches it again. Each process
+keeps the folder's size as an estimate, rescanned when it passes the limit (and every RESCAN_EVERY writes), so
+the limit holds to within a record per process.
 Records being batched are held in memory by the reader, never only in the cache: eviction cannot deadlock.
 """
 from __future__ import annotations
@@ -79,7 +80,9 @@ class RecordCache:
     def _make_room(self, n: int) -> None:
         self._puts += 1
         if self._used is None or self._puts % RESCAN_EVERY == 0 or self._used + n > self.limit:
-            self._used = self._evict(self.limit - n)
+            # NOTE: down to a low-water mark, so a full cache is rescanned once per tenth of its limit written,
+            # not at every write
+            self._used = self._evict(min(self.limit - n, self.limit * 9 // 10))
 
     def _evict(self, keep: int) -> int:
         """Remove the least recently used files until the folder holds at most `keep` bytes; returns its bytes."""
