@@ -171,3 +171,14 @@ def test_masking_in_the_workers_gives_the_device_masks_and_epoch_tokens_sizes_th
     loader = MLMLoader(mixture, LoaderConfig(batch_size=10))
     per_seq = sum(loader.datasets[i].index["counts"]["tokens"] / n for i, n in ((0, 300), (1, 120))) / 2
     assert loader.batches_per_epoch == -(-10_000 // per_seq) // 10
+
+
+def test_a_state_of_another_mixture_is_refused(sources):
+    mix_file, _ = sources
+    state = MLMLoader(mix_file, LoaderConfig(batch_size=20)).state_dict()
+    spec = json.loads(mix_file.read_text())
+    spec["sources"][0]["weight"] = 0.6  # another share: other batches from the same step on
+    mix_file.write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="dataset=.* in the checkpoint but .* here; resume on the dataset or "
+                                         "mixture the checkpoint was trained on"):
+        MLMLoader(mix_file, LoaderConfig(batch_size=20)).load_state_dict(state)
