@@ -5,9 +5,10 @@
 Each record (the byte range one read asks for) is a file `DIR/FINGERPRINT/shard-NNNNNN.tar.OFFSET-END` holding the
 bytes and an 8-byte trailer (crc32 and a magic), put in place by loader.atomic (temp file, rename), so a reader
 sees a whole record or none. FINGERPRINT is the sha256 of the dataset's index.json: a cache of another dataset,
-or of another version of this one, is never read. A hit is checked (length and crc32; a bad file is removed and
-fetched again) and its mtime touched; when a write would pass the limit, the least recently used files are
-removed first, down to 90 % of the limit. The folder is the only shared state (no shared memory, no locks):
+or of another version of this one, is never read. A record is kept only if it matches its checksum in index.json
+(format v2), and a hit is checked (length, crc32 and that checksum; a bad file is fetched again) and its mtime
+touched; when a write would pass the limit, the least recently used files are removed first, down to 90 % of
+the limit. The folder is the only shared state (no shared memory, no locks):
 processes that race write the same bytes, and one that finds a file gone just fetches it again. Each process
 keeps the folder's size as an estimate, rescanned when it passes the limit (and every RESCAN_EVERY writes), so
 the limit holds to within a record per process.
@@ -21,7 +22,7 @@ import zlib
 
 from maskstream.errors import UserError
 from maskstream.loader.atomic import atomic_write
-from maskstream.loader.format import check_shard_name
+from maskstream.loader.format import check_shard_name, record_checksum
 from maskstream.loader.storage import LocalSource
 
 MAGIC = b"MSC1"
@@ -32,9 +33,13 @@ RESCAN_EVERY = 256  # puts between rescans of the folder's size, so other proces
 class RecordCache:
     """A source wrapper with the same two reads; shard ranges come from the folder when they are there."""
 
-    def __init__(self, inner, *, cache_dir: str, fingerprint: str, limit_bytes: int | None):
+    def __init__(self, inner, *, cache_dir: str, index: dict, table, fingerprint: str, limit_bytes: int | None):
         self.inner, self.root, self.limit = inner, inner.root, limit_bytes
         self.dir = os.path.join(cache_dir, fingerprint)
+        # format v2: each record's checksum, by its byte range; a record that fails it is never kept
+        sums = [c for e in index["shards"] for c in e.get("checksums") or [None] * len(e["records"])]
+        self.checksums = {(index["shards"][s]["name"], int(a), int(b)): c
+                          for s, a, b, c in zip(table.shard, table.offset, table.end, sums, strict=True)}
         self.hits = self.misses = 0
         self._used, self._puts = None, 0  # this process's estimate of the folder's bytes
 
@@ -43,13 +48,15 @@ class RecordCache:
 
     def read_range(self, name: str, offset: int, end: int, size: int) -> bytes:
         path = os.path.join(self.dir, f"{check_shard_name(name)}.{offset}-{end}")
+        want = self.checksums.get((name, offset, end))
         data = self._hit(path, end - offset)
-        if data is not None:
+        if data is not None and (want is None or record_checksum(data) == want):
             self.hits += 1
             return data
         self.misses += 1
-        data = self.inner.read_range(name, offset, end, size)  # checked against index.json by the source
-        self._put(path, data)
+        data = self.inner.read_range(name, offset, end, size)  # its size checked against index.json
+        if want is None or record_checksum(data) == want:  # else the reader refuses it, naming the record
+            self._put(path, data)
         return data
 
     def _hit(self, path: str, want: int) -> bytes | None:

@@ -2,7 +2,8 @@
 
     loader = MLMLoader("shards/", LoaderConfig(batch_size=32, num_workers=2), rank=r, world_size=w, device="cuda")
     for batch in loader:          # the rest of the current epoch; then loader.epoch += 1
-        ...                       # batch: input_ids, labels (-100 where not masked), attention_mask, uids
+        ...                       # batch: input_ids, labels (-100 where not masked), attention_mask, uids,
+                              # document_ids, position_ids [, cu_seqlens, max_seqlen] (loader/stages.py)
     ckpt["loader"] = loader.state_dict();  loader.load_state_dict(ckpt["loader"])
 
 `data` is a dataset (folder or URL prefix), a mixture file (`mix.json`) or a loader.mixture.Mixture. The global
@@ -33,7 +34,7 @@ from maskstream.loader.order import (
     plan_epoch,
     remainder_counts,
 )
-from maskstream.loader.stages import Dataset, EpochStream, finish_rows, load_index, static_copies
+from maskstream.loader.stages import Dataset, EpochStream, finish_rows, load_index, static_copies, to_device
 from maskstream.loader.storage import IOConfig, SourceError, open_source
 
 STATE_VERSION = 2  # 2 added partitions (elastic resume); a version-1 state had partitions = its world size
@@ -51,6 +52,9 @@ class LoaderConfig:
     pin_memory: bool = True    # used when the device is CUDA
     timeout_s: float = 30.0    # remote reads: connect/read timeout ...
     retries: int = 3           # ... and retries after a dropped connection, a timeout or a 5xx
+    check_records: bool = True  # compare each record's checksum with index.json before decoding it (format v2)
+    documents: bool = True     # batches carry document_ids and position_ids (False: the v1 loader's batches)
+    varlen: bool = False       # also cu_seqlens and max_seqlen, for varlen attention kernels
     partitions: int = 0        # canonical partitions of the stream (0: the world size); elastic resume on any
                                # world size that divides it (loader/order.py)
     cache_dir: str | None = None          # remote datasets: keep fetched records here (loader/cache.py)
@@ -70,6 +74,8 @@ class LoaderConfig:
         if self.cache_limit_bytes is not None and (self.cache_dir is None or self.cache_limit_bytes < 1):
             raise ValueError(f"cache_limit_bytes={self.cache_limit_bytes} needs a cache_dir and must be >= 1")
         IOConfig(timeout_s=self.timeout_s, retries=self.retries)
+        if self.varlen and not self.documents:
+            raise ValueError("varlen=True needs documents=True: cu_seqlens come from the document ids")
 
 
 def open_dataset(root: str, config: LoaderConfig) -> Dataset:
@@ -82,8 +88,8 @@ def open_dataset(root: str, config: LoaderConfig) -> Dataset:
         if config.cache_limit_bytes is not None and config.cache_limit_bytes < largest:
             raise UserError(f"cache_limit_bytes={config.cache_limit_bytes:,} is below one record of {root} "
                             f"({largest:,} bytes); raise it, or pass cache_limit_bytes=None for no limit")
-        source = record_cache.RecordCache(source, cache_dir=config.cache_dir, fingerprint=fingerprint,
-                                          limit_bytes=config.cache_limit_bytes)
+        source = record_cache.RecordCache(source, cache_dir=config.cache_dir, index=index, table=table,
+                                          fingerprint=fingerprint, limit_bytes=config.cache_limit_bytes)
     return Dataset(str(root), source, index, fingerprint, table)
 
 
@@ -195,7 +201,7 @@ class MLMLoader:
                                               pin_memory=pin, generator=private)
         for raw in batches:
             if "attention_mask" in raw:  # masked in the worker already
-                out = {k: v.to(self.device, non_blocking=True) for k, v in raw.items()}
+                out = {k: to_device(v, self.device) for k, v in raw.items()}
             else:
                 out = finish_rows(raw, seed=cfg.seed, epoch=epoch, config=self.masking, vocab=self.vocab,
                                   seq_len=self.seq_len, device=self.device)

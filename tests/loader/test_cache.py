@@ -8,6 +8,7 @@ import torch
 from helpers import build_dataset, collect
 
 from maskstream.errors import UserError
+from maskstream.loader import format as fmt
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 
 server = test_http.server  # the fixture: a real ThreadingHTTPServer on 127.0.0.1 serving `uneven`
@@ -91,3 +92,16 @@ def test_a_damaged_cache_file_is_fetched_again(uneven, server, tmp_path):
     server.requests.clear()
     assert same(collect(MLMLoader(server.url, cfg)), first)
     assert len(shard_requests(server)) == 1, "only the damaged record is fetched again"
+
+
+def test_a_record_that_fails_its_index_checksum_is_never_cached(uneven, server, tmp_path):
+    cfg = LoaderConfig(batch_size=16, seed=5, cache_dir=str(tmp_path / "cache"))
+    loader = MLMLoader(server.url, cfg)
+    assert "checksums" in loader.index["shards"][0], "format v2: a checksum per record"
+    path = uneven / "shard-000000.tar"
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0xFF  # the server's copy changed after index.json was written
+    path.write_bytes(bytes(data))
+    with pytest.raises(fmt.FormatError, match="xxh3_64 .* but index.json says"):
+        collect(loader)
+    assert not list((tmp_path / "cache").rglob("shard-000000.tar.0-*")), "the bad record was not kept"
