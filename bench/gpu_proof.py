@@ -23,7 +23,7 @@ import torch
 
 from maskstream.bench.bench_trainer import PEAK_BF16
 from maskstream.loader import documents
-from maskstream.loader.masking import mask_batch
+from maskstream.loader.masking import IGNORE_INDEX, mask_batch
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 from maskstream.trainer.model import MLMEncoder, flops_per_token, preset
 
@@ -63,13 +63,16 @@ def timed_ms(fn, device: torch.device, *, repeat: int, warmup: int = 3) -> float
 
 
 def raw_batch(loader: MLMLoader, device: torch.device) -> dict:
-    """One unmasked batch of the dataset (tokens, word starts, lengths, uids) on the device."""
-    from maskstream.loader.stages import EpochStream
+    """One batch of the dataset unmasked again (tokens, lengths, uids) on the device, from the public API.
 
-    stream = EpochStream(source=loader.source, index=loader.index, table=loader.table, config=loader.config,
-                         rank=0, world_size=1, masking_config=loader.masking, vocab=loader.vocab, epoch=0,
-                         start_batch=0)
-    return {k: v.to(device) for k, v in next(iter(stream)).items()}
+    Word starts are not in a masked batch; the dataset's token selection does not read them.
+    """
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    labels, inputs = batch["labels"], batch["input_ids"]
+    tokens = torch.where(labels != IGNORE_INDEX, labels, inputs)
+    return {"tokens": tokens.to(device), "word_starts": torch.ones_like(tokens, dtype=torch.bool, device=device),
+            "lengths": batch["attention_mask"].sum(dim=1).to(device), "uids": batch["uids"].to(device)}
 
 
 def masking_ms(loader: MLMLoader, device: torch.device, rate: float | None, repeat: int) -> float:
