@@ -25,8 +25,11 @@ NO_TOKENS = "no_tokens"             # set by Tokenize: text that normalizes to n
 UNPARSEABLE = "unparseable"         # any other exception while cleaning one record (e.g. RecursionError)
 TOKENIZE_ERROR = "tokenize_error"   # set by Tokenize: the tokenizer raised on this document
 UNREADABLE = "unreadable"           # the file could not be read past this position (e.g. a truncated .gz)
+QUALITY = "quality"                 # set by Filter (pipeline/filters.py): the detail names the rule
+DUPLICATE = "duplicate"             # set by Dedup (pipeline/dedup.py): the detail names the copy kept
+NEAR_DUPLICATE = "near_duplicate"
 REASONS = (INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, NON_STRING_FIELD, EMPTY, NO_TOKENS,
-           UNPARSEABLE, TOKENIZE_ERROR, UNREADABLE)
+           UNPARSEABLE, TOKENIZE_ERROR, UNREADABLE, QUALITY, DUPLICATE, NEAR_DUPLICATE)
 
 
 class Raw(NamedTuple):
