@@ -2,6 +2,8 @@
 bytes as the local runner; and the fenced fix of Beam's Dask ParDo translation (pipeline/dask_runner.py)."""
 from __future__ import annotations
 
+import json
+
 import apache_beam as beam
 import pytest
 
@@ -55,23 +57,25 @@ def cluster():
 
 
 @pytest.fixture
-def two_files(tmp_path, sotu_subset):
-    """Two JSONL files (the SOTU subset split in two) and one with bad records, so every branch has data."""
-    lines = sotu_subset.read_text().splitlines(keepends=True)
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.jsonl").write_text("".join(lines[:6]))
-    (tmp_path / "in" / "b.jsonl").write_text("".join(lines[6:]) + '{"text": 42}\nnot json\n')
-    return [tmp_path / "in" / "a.jsonl", tmp_path / "in" / "b.jsonl"]
+def curated_inputs(tmp_path, planted):
+    """The planted copies (tests/pipeline/conftest.py) and a third file of a bulleted list, malformed JSON and
+    a non-string field, so every branch has data: dedup, filter and clean rejects across workers."""
+    bullets = "\n".join(f"• item {i} of the list of the things to do" for i in range(60))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": bullets}) + '\n{"text": 42}\nnot json\n')
+    return [*planted, tmp_path / "c.jsonl"]
 
 
 @pytest.mark.slow
-def test_dask_cluster_writes_the_local_runners_bytes(cluster, two_files, bert_json, tmp_path, job, hashes):
+def test_dask_cluster_writes_the_local_runners_bytes(cluster, curated_inputs, bert_json, tmp_path, job, hashes):
     from apache_beam.runners.dask import transform_evaluator
-    flags = ("--num-shards", 3)
-    on_dask = job(two_files, bert_json, tmp_path / "dask", "--runner=DaskRunner",
+    flags = ("--num-shards", 3, "--dedup", "minhash", "--filters", "gopher")
+    on_dask = job(curated_inputs, bert_json, tmp_path / "dask", "--runner=DaskRunner",
                   f"--dask_client_address={cluster}", *flags)
-    local = job(two_files, bert_json, tmp_path / "local", "--direct_running_mode=in_memory", *flags)
-    assert on_dask["counts"] == local["counts"] and local["counts"]["documents_rejected"] == 2
+    local = job(curated_inputs, bert_json, tmp_path / "local", "--direct_running_mode=in_memory", *flags)
+    assert on_dask["counts"] == local["counts"]
+    assert local["counts"]["rejects_by_reason"] == {"malformed_json": 1, "non_string_field": 1, "quality": 1,
+                                                    "duplicate": 2, "near_duplicate": 1}
+    assert local["counts"]["quality_bullet_lines"] == 1
     a, b = hashes(tmp_path / "dask"), hashes(tmp_path / "local")
     assert {k: v for k, v in a.items() if k != "index.json"} == {k: v for k, v in b.items() if k != "index.json"}
     assert on_dask["shards"] == local["shards"]
