@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,8 @@ from maskstream.bench.bench_pipeline import SOTU, TOKENIZER, job, sampled_peak_r
 from maskstream.bench.common import Row
 
 ROOT = Path(__file__).resolve().parents[1]
-PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+# the peers bench env's interpreter; MASKSTREAM_PEERS_PYTHON points elsewhere (a development venv)
+PEERS_PYTHON = Path(os.environ.get("MASKSTREAM_PEERS_PYTHON", ROOT / ".venv-peers" / "bin" / "python"))
 SENTENCES_PER_DOC, PLANT_FRACTION, NEAR_CHANGE = 30, 0.03, 0.02
 
 

@@ -61,7 +61,8 @@ class Filter(beam.PTransform):
 
 class _Keys(beam.DoFn):
     """Each document -> (exact key, member) and, for minhash, (band key, member) per band.
-    A member is (id, exact key, signature); id = (source, position, group): ordered by source and position."""
+    A member is (id, exact key, signature bytes); id = (source, position, group): ordered by source and position.
+    NOTE: the signature travels as bytes: a numpy array would be pickled by Beam's fallback coder, 14 times."""
     def __init__(self, config: dedup.DedupConfig):
         self.config = config
 
@@ -77,7 +78,7 @@ class _Keys(beam.DoFn):
                 sig = dedup.document_signature(text, self.config, self.perms)
                 if sig is not None:
                     for band in dedup.band_keys(sig, self.config.bands, self.config.rows):
-                        yield BAND + band, (doc_id, key, sig)
+                        yield BAND + band, (doc_id, key, sig.tobytes())
 
 
 def pairs_of(element, threshold: float):

@@ -156,8 +156,10 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[bytes]:
     return [bytes([band]) + sig[band * rows:(band + 1) * rows].tobytes() for band in range(bands)]
 
 
-def similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Estimated Jaccard similarity of two signatures: the fraction of equal values."""
+def similarity(a, b) -> float:
+    """Estimated Jaccard similarity of two signatures (arrays or their bytes): the fraction of equal values."""
+    if isinstance(a, bytes):
+        a, b = np.frombuffer(a, np.uint32), np.frombuffer(b, np.uint32)
     return float(np.mean(a == b))
 
 

@@ -104,6 +104,7 @@ def check_beam_flags(beam_args: list[str]) -> None:
     """Refuse a flag that neither maskstream nor any of Beam's PipelineOptions defines (a typo would else be
     dropped silently by Beam), suggesting the closest known spelling."""
     import difflib
+    import importlib.util
 
     from apache_beam.options.pipeline_options import PipelineOptions
     register_options()      # Beam defines DaskOptions only once its Dask runner is imported
@@ -117,6 +118,9 @@ def check_beam_flags(beam_args: list[str]) -> None:
     flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-") and a != "--"]
     if not flags:
         return
+    if flags[0].startswith("--dask") and importlib.util.find_spec("distributed") is None:
+        raise UserError(f"{flags[0]} needs Beam's Dask runner, which needs dask.distributed; "
+                        "install maskstream[dask] (pip install 'maskstream[dask]')")
     # maskstream's flags by their first (hyphenated) spelling, then Beam's; matched ignoring - versus _
     known = [a.option_strings[0] for a in parser()._actions if a.option_strings[0].startswith("--")]
     known += [o for a in beam[0]._actions for o in a.option_strings if o.startswith("--")]

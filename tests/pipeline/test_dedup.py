@@ -110,3 +110,18 @@ def test_the_job_drops_planted_copies_keeping_the_first_and_naming_it(planted, b
     assert again["counts"] == c
     x, y = hashes(tmp_path / "one"), hashes(tmp_path / "again")
     assert {k: v for k, v in x.items() if k != "index.json"} == {k: v for k, v in y.items() if k != "index.json"}
+
+
+def test_curation_switched_off_keys_nothing_and_switched_on_changes_the_uids():
+    from maskstream.pipeline import run as pipeline_run
+    from maskstream.pipeline.config import config_from_args, data_hash
+
+    def config(*flags):
+        args, _ = pipeline_run.parse(["--input", "a.jsonl", "--tokenizer", "t.json", "--output", "out", *flags])
+        args.tokenizer_sha256 = "0" * 64
+        return config_from_args(args)
+    off = config()
+    before = {k: v for k, v in off.to_dict().items() if k not in ("filters", "dedup")}   # a config of before dedup
+    assert off.data_hash() == data_hash(before)
+    assert len({off.data_hash(), config("--dedup", "exact").data_hash(), config("--filters", "gopher").data_hash(),
+                config("--dedup", "minhash", "--minhash-bands", "20").data_hash()}) == 4
