@@ -125,3 +125,17 @@ def test_curation_switched_off_keys_nothing_and_switched_on_changes_the_uids():
     assert off.data_hash() == data_hash(before)
     assert len({off.data_hash(), config("--dedup", "exact").data_hash(), config("--filters", "gopher").data_hash(),
                 config("--dedup", "minhash", "--minhash-bands", "20").data_hash()}) == 4
+
+
+def test_an_oversized_documents_parts_are_judged_whole_and_dropped_together():
+    from maskstream.pipeline import curation
+    from maskstream.pipeline.readers import Doc
+    from maskstream.pipeline.transforms import DATA, REJECT
+    docs = [Doc("b.jsonl", 4, 0, 2, "first half, "), Doc("b.jsonl", 4, 1, 2, "second half"),
+            Doc("b.jsonl", 5, 0, 2, "another document")]
+    assert curation.documents(docs)[4] == ("first half, second half", docs[:2])
+    element = (("b.jsonl", 2), {"docs": [docs], "drops": [(4, "duplicate", ("a.jsonl", 9, 0))]})
+    out = list(curation.apply_drops(element))
+    assert out[0] == (DATA, (("b.jsonl", 2), docs[2:]))
+    assert out[1][0] == REJECT and out[1][1].position == 4 and out[1][1].detail == "kept a.jsonl:9"
+    assert len(out) == 2                           # one reject for the document, not one per part
