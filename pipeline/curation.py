@@ -67,18 +67,18 @@ class _Keys(beam.DoFn):
         self.config = config
 
     def setup(self):
-        self.perms = dedup.Permutations.of(self.config.bands * self.config.rows)
+        minhash = self.config.mode == "minhash"
+        self.perms = dedup.Permutations.of(self.config.bands * self.config.rows) if minhash else None
 
     def process(self, element):
         (source, group), docs = element
         for position, (text, _) in documents(docs).items():
-            doc_id, key = (source, position, group), dedup.exact_key(text)
+            doc_id = (source, position, group)
+            key, sig = dedup.document_keys(text, self.config, self.perms)
             yield EXACT + key, (doc_id, key, None)
-            if self.config.mode == "minhash":
-                sig = dedup.document_signature(text, self.config, self.perms)
-                if sig is not None:
-                    for band in dedup.band_keys(sig, self.config.bands, self.config.rows):
-                        yield BAND + band, (doc_id, key, sig.tobytes())
+            if sig is not None:
+                for band in dedup.band_keys(sig, self.config.bands, self.config.rows):
+                    yield BAND + band, (doc_id, key, sig.tobytes())
 
 
 def pairs_of(element, threshold: float):

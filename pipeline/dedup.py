@@ -59,7 +59,7 @@ def normalize(text: str) -> str:
 
 def exact_key(text: str) -> bytes:
     """16 bytes of BLAKE2b of the normalized text: equal for copies that differ in case or spacing only."""
-    return hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+    return document_keys(text, DedupConfig(), None)[0]
 
 
 def is_cjk(text: str, sample: int = 4000) -> bool:
@@ -147,7 +147,18 @@ def signature(shingles: np.ndarray, perms: Permutations) -> np.ndarray:
 
 def document_signature(text: str, config: DedupConfig, perms: Permutations) -> np.ndarray | None:
     """A document's MinHash signature; None when it has no word (exact dedup still applies)."""
-    shingles = shingle_hashes(token_hashes(normalize(text)), config.ngram)
+    return _signature_of_normalized(normalize(text), config, perms)
+
+
+def document_keys(text: str, config: DedupConfig, perms: Permutations | None) -> tuple[bytes, np.ndarray | None]:
+    """(exact key, MinHash signature or None) from one normalization; no signature without perms (exact mode)."""
+    norm = normalize(text)
+    key = hashlib.blake2b(norm.encode(), digest_size=16).digest()
+    return key, (_signature_of_normalized(norm, config, perms) if perms is not None else None)
+
+
+def _signature_of_normalized(norm: str, config: DedupConfig, perms: Permutations) -> np.ndarray | None:
+    shingles = shingle_hashes(token_hashes(norm), config.ngram)
     return signature(shingles, perms) if len(shingles) else None
 
 
