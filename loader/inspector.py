@@ -1,7 +1,7 @@
 """`maskstream inspect`: summarize a shard folder, verify it, show masked sequences, or dump the masks it yields.
 
     maskstream inspect DIR                                 # the manifest summary
-    maskstream inspect DIR --verify                        # sha256, sizes and counts of every shard; exit 1 if bad
+    maskstream inspect DIR --verify                        # sha256, record checksums, sizes, counts; exit 1 if bad
     maskstream inspect DIR --show 3 --epoch 1              # 3 sequences as the model sees them, masks marked
     maskstream inspect DIR --dump-masks m.jsonl --epoch 0 [--num-workers W] [--batch-size B]
                            [--rank R --world-size N] [--limit N]   # one JSON line per sequence
@@ -41,7 +41,7 @@ def summary(loader: MLMLoader) -> str:
         f"rejected {c.get('documents_rejected', 0):,} ({rejects})",
         f"sequences  {c['sequences']:,} of {ix['seq_len']} tokens, packing {ix['packing']}, "
         f"{c.get('tail_sequences', 0):,} padded tails",
-        f"tokens     {c.get('tokens', 0):,} real tokens; {total / tokens:.2f} bytes/token",
+        f"tokens     {c.get('tokens', 0):,} real tokens; {total / tokens:.3f} bytes/token",
         f"shards     {len(ix['shards'])}, {total / 1e6:.2f} MB, {records} records "
         f"(mean {c['sequences'] / max(1, records):.1f} sequences/record)",
         f"tokenizer  {tok.get('kind', '?')}, vocab {tok['vocab_size']:,}, mask id {tok['mask_id']}, "
@@ -53,27 +53,35 @@ def summary(loader: MLMLoader) -> str:
 
 
 def verify(loader: MLMLoader, out=None) -> list[str]:
-    """Check every shard: size and sha256 of the whole file, then every record decoded and counted.
+    """Check every shard: size and sha256 of the whole file, then every record (checksum, decoded, counted).
 
-    Returns the names of bad shards (empty when all are good)."""
+    A bad shard does not stop the check: every shard and every record is looked at, and each bad shard is
+    printed with its problems. Returns the names of bad shards (empty when all are good)."""
     bad, out = [], out or sys.stdout
     table, index = loader.table, loader.index
     for s, entry in enumerate(index["shards"]):
-        name = entry["name"]
+        name, problems, count = entry["name"], [], 0
         try:
             sha = _shard_sha256(loader.source, entry)
             if sha != entry["sha256"]:
-                raise fmt.FormatError(f"sha256 {sha[:12]}... but index.json says {entry['sha256'][:12]}...")
-            count = 0
+                problems.append(f"sha256 {sha[:12]}... but index.json says {entry['sha256'][:12]}...")
             for r in (int(r) for r in (table.shard == s).nonzero()[0]):
-                block, _ = decode_record(read_record(loader.source, index, table, r), index, table, r, 0, 0)
-                count += len(block)
-            if count != entry["sequences"]:
-                raise fmt.FormatError(f"{count} sequences, index.json says {entry['sequences']}")
-            print(f"OK   {name}: {entry['bytes']:,} bytes, {count:,} sequences, sha256 ok", file=out)
-        except (fmt.FormatError, SourceError) as e:
-            print(f"BAD  {name}: {e}", file=out)
+                try:
+                    block, _ = decode_record(read_record(loader.source, index, table, r), index, table, r, 0, 0)
+                    count += len(block)
+                except fmt.FormatError as e:
+                    problems.append(str(e))
+            if not problems and count != entry["sequences"]:
+                problems.append(f"{count} sequences, index.json says {entry['sequences']}")
+        except SourceError as e:  # missing, truncated or unreadable: the shard's records cannot be read
+            problems.append(str(e))
+        if problems:
+            more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
+            print(f"BAD  {name}: {'; '.join(problems[:3])}{more}", file=out)
             bad.append(name)
+        else:
+            print(f"OK   {name}: {entry['bytes']:,} bytes, {count:,} sequences, sha256 and record checksums ok",
+                  file=out)
     return bad
 
 

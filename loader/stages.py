@@ -5,15 +5,23 @@ Run inside each DataLoader worker, in this order (EpochStream wires them; loader
     plan the epoch (records permuted)  -> split_by_rank -> split_by_worker -> read_records -> decode
     -> unbatch (in-record permutation) -> batch -> [finish: mask, when mask_on="worker"]
 
-and `finish` runs last, on the training device, for mask_on="device". Tar members are read with webdataset's
-tar iterators from the exact byte range of one record and decoded only by loader.format.decode_block
-(whitelisted .npy members, allow_pickle=False); every record's sequence count is checked against index.json.
+and `finish` runs last, on the training device, for mask_on="device". Tar members are read with tarfile
+from the exact byte range of one record, its checksum compared with index.json's first (format v2), and decoded
+only by loader.format.decode_block (whitelisted .npy members, headers checked before reading, nothing
+unpickled); every record's sequence count is checked against index.json.
+
+Batches carry document_ids (B, L) int32 (0 for a row's first document, +1 at each document start inside the
+row, -1 on padding) and position_ids (B, L) int64 (0 at each document start, then counting on; padding continues
+its row's last document). With LoaderConfig(varlen=True) also cu_seqlens (S+1,) int32 and max_seqlen (int):
+segments of the flattened (B*L) batch, one per document of each row and one per row's padding, so a varlen
+kernel runs on the padded batch reshaped to (B*L, ...) as it is; cu_seqlens[-1] == B*L.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import tarfile
+import warnings
 
 import numpy as np
 import torch
@@ -27,22 +35,37 @@ MAX_RECORD_BYTES = 256 << 20  # a record larger than this in index.json is refus
 
 # ---- the stages ---------------------------------------------------------------------------------------------
 
-def read_records(specs, source, index: dict, table: RecordTable):
+def read_records(specs, source, index: dict, table: RecordTable, *, check: bool = True):
     """Stage: (spec, {record: tar bytes}) for each batch; a record shared with the previous batch is not re-read."""
     cache: dict[int, bytes] = {}
     for spec in specs:
         wanted = {seg.record for seg in spec.segments}
-        cache = {r: cache[r] if r in cache else read_record(source, index, table, r) for r in wanted}
+        cache = {r: cache[r] if r in cache else read_record(source, index, table, r, check=check) for r in wanted}
         yield spec, cache
 
 
-def read_record(source, index, table, r: int) -> bytes:
-    entry = index["shards"][table.shard[r]]
+def record_place(index: dict, table: RecordTable, r: int) -> tuple[dict, int, str]:
+    """(shard entry, the record's number inside its shard, 'shard-….tar record i at offset o') of record r."""
+    s = int(table.shard[r])
+    i = r - int(np.searchsorted(table.shard, s))  # RecordTable lists records in index.json order
+    entry = index["shards"][s]
+    return entry, i, f"{entry['name']} record {i} at offset {int(table.offset[r])}"
+
+
+def read_record(source, index, table, r: int, *, check: bool = True) -> bytes:
+    """The tar bytes of record r, their size bounded before the read and (format v2, `check`) their checksum
+    compared with index.json's after it, before anything is decoded."""
+    entry, i, where = record_place(index, table, r)
     offset, end = int(table.offset[r]), int(table.end[r])
     if end - offset > MAX_RECORD_BYTES:
-        raise fmt.FormatError(f"{entry['name']}: record at offset {offset} spans {end - offset} bytes in "
-                              f"index.json, over the {MAX_RECORD_BYTES}-byte limit; the index is not trusted")
-    return source.read_range(entry["name"], offset, end, entry["bytes"])
+        raise fmt.FormatError(f"{where} spans {end - offset} bytes in index.json, over the {MAX_RECORD_BYTES}-"
+                              f"byte limit; the index is not trusted")
+    data = source.read_range(entry["name"], offset, end, entry["bytes"])
+    if check and "checksums" in entry and fmt.record_checksum(data) != entry["checksums"][i]:
+        raise fmt.FormatError(f"{where}: {fmt.CHECKSUM} {fmt.record_checksum(data)} but index.json says "
+                              f"{entry['checksums'][i]}; the shard changed after it was written: copy it "
+                              f"again or rerun `maskstream preprocess`")
+    return data
 
 
 def decode(items, index: dict, table: RecordTable, *, seed: int, epoch: int):
@@ -64,6 +87,8 @@ def read_record_tar(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
         for info in tar:
             if not info.isreg():
                 continue
+            if info.size > min(len(data), fmt.MAX_MEMBER_BYTES):  # checked before its bytes are taken
+                raise ValueError(f"member {info.name!r} claims {info.size} bytes in a record of {len(data)}")
             key, dot, suffix = info.name.partition(".")
             if not dot:
                 raise ValueError(f"member {info.name!r} has no suffix")
@@ -76,8 +101,7 @@ def read_record_tar(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
 
 
 def decode_record(data: bytes, index: dict, table: RecordTable, r: int, seed: int, epoch: int):
-    entry = index["shards"][table.shard[r]]
-    where = f"{entry['name']} record at offset {int(table.offset[r])}"
+    _, _, where = record_place(index, table, r)
     try:
         samples = read_record_tar(data)
     except (tarfile.TarError, ValueError) as e:  # bad header checksums, duplicate members
@@ -88,12 +112,9 @@ def decode_record(data: bytes, index: dict, table: RecordTable, r: int, seed: in
     members = samples[0][1]
     try:
         block = fmt.decode_block(members, seq_len=index["seq_len"], vocab_size=index["tokenizer"]["vocab_size"],
-                                 static_copies=static_copies(index))
+                                 static_copies=static_copies(index), sequences=int(table.sequences[r]))
     except fmt.FormatError as e:
         raise fmt.FormatError(f"{where}: {e}") from None
-    if len(block.uids) != int(table.sequences[r]):
-        raise fmt.FormatError(f"{where}: holds {len(block.uids)} sequences, index.json says "
-                              f"{int(table.sequences[r])}; the shard is corrupt or truncated")
     return block, in_record_permutation(block.uids, seed=seed, epoch=epoch)
 
 
@@ -105,25 +126,61 @@ def unbatch(items):
             yield spec.index, block, perm[seg.lo:seg.hi]
 
 
-def batch(pieces, *, batch_size: int, epoch: int, static_copies: int):
-    """Stage: pieces -> one dict of CPU tensors per batch (raw tokens, or stored static masks of copy epoch % K)."""
+def batch(pieces, *, batch_size: int, epoch: int, static_copies: int, documents: bool = True,
+          varlen: bool = False):
+    """Stage: pieces -> one dict of CPU tensors per batch (raw tokens, or stored static masks of copy epoch % K),
+    with the document fields (see the module docstring) unless `documents` is False."""
     parts, current = [], None
     for index, block, rows in pieces:
         if current is not None and index != current:
-            yield _stack(parts, batch_size, epoch, static_copies)
+            yield _stack(parts, batch_size, epoch, static_copies, documents, varlen)
             parts = []
         current = index
         parts.append((block, rows))
     if parts:
-        yield _stack(parts, batch_size, epoch, static_copies)
+        yield _stack(parts, batch_size, epoch, static_copies, documents, varlen)
 
 
-def _stack(parts, batch_size: int, epoch: int, static_copies: int) -> dict:
+def document_fields(doc_starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(document_ids (B, L) int32, position_ids (B, L) int64) from document starts inside rows (B, L) bool."""
+    B, L = doc_starts.shape
+    col = np.arange(L)
+    ids, positions = np.zeros((B, L), np.int32), np.tile(col, (B, 1))
+    # NOTE: only rows holding a start or padding are touched: in full packing they are a few percent
+    rows = np.flatnonzero(doc_starts.any(axis=1))
+    if len(rows):
+        starts = doc_starts[rows]
+        ids[rows] = np.cumsum(starts, axis=1, dtype=np.int32)
+        positions[rows] = col - np.maximum.accumulate(np.where(starts, col, 0), axis=1)
+    short = np.flatnonzero(lengths < L)
+    if len(short):
+        ids[short] = np.where(col >= lengths[short, None], -1, ids[short])
+    return ids, positions
+
+
+def varlen_fields(doc_starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, int]:
+    """(cu_seqlens (S+1,) int32, max_seqlen) of the flattened (B*L) batch: a segment per document of each row
+    and one per row's padding; cu_seqlens[-1] == B * L."""
+    B, L = doc_starts.shape
+    short = np.flatnonzero(lengths < L)
+    cu = np.concatenate([np.arange(B + 1) * L, np.flatnonzero(doc_starts), short * L + lengths[short]])
+    cu = np.sort(cu).astype(np.int32)
+    return cu, int(np.diff(cu).max())
+
+
+def _stack(parts, batch_size: int, epoch: int, static_copies: int, documents: bool, varlen: bool) -> dict:
     cat = lambda f: np.concatenate([f(b)[rows] for b, rows in parts])  # noqa: E731
     out = {"tokens": torch.from_numpy(cat(lambda b: b.tokens).astype(np.int32)),  # (B, L), int64 after masking
            "lengths": torch.from_numpy(cat(lambda b: b.lengths).astype(np.int64)),  # (B,)
            "uids": torch.from_numpy(cat(lambda b: b.uids).view(np.int64))}  # (B,) uint64 bits as int64
     assert len(out["uids"]) == batch_size, (len(out["uids"]), batch_size)
+    if documents:
+        starts, lengths = cat(lambda b: b.doc_starts), out["lengths"].numpy()
+        ids, positions = document_fields(starts, lengths)
+        out["document_ids"], out["position_ids"] = torch.from_numpy(ids), torch.from_numpy(positions)
+        if varlen:
+            cu, out["max_seqlen"] = varlen_fields(starts, lengths)
+            out["cu_seqlens"] = torch.from_numpy(cu)
     if static_copies:
         k = epoch % static_copies
         selected = torch.from_numpy(cat(lambda b: b.static_selected[:, k]))  # (B, L) bool
@@ -136,14 +193,23 @@ def _stack(parts, batch_size: int, epoch: int, static_copies: int) -> dict:
 
 def finish(raw: dict, *, seed: int, epoch: int, config, vocab, seq_len: int, device) -> dict:
     """The last stage, on the device that trains: mask (dynamic mode) and build the model's batch."""
-    raw = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
+    raw = {k: to_device(v, device) for k, v in raw.items()}
     if "input_ids" in raw:
         input_ids, labels = raw["input_ids"], raw["labels"]
     else:
         input_ids, labels = masking.mask_batch(raw["tokens"], raw["word_starts"], raw["lengths"], raw["uids"],
                                                seed=seed, epoch=epoch, config=config, vocab=vocab)
     return {"input_ids": input_ids, "labels": labels, "uids": raw["uids"],
-            "attention_mask": masking.attention_mask(raw["lengths"], seq_len)}
+            "attention_mask": masking.attention_mask(raw["lengths"], seq_len),
+            **{k: raw[k] for k in DOCUMENT_KEYS if k in raw}}
+
+
+DOCUMENT_KEYS = ("document_ids", "position_ids", "cu_seqlens", "max_seqlen")
+
+
+def to_device(value, device):
+    """A batch value on `device`: tensors move (non-blocking), plain numbers (max_seqlen) stay as they are."""
+    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
 
 
 def static_copies(index: dict) -> int:
@@ -172,10 +238,11 @@ class EpochStream(torch.utils.data.IterableDataset):
         stages = [
             lambda _: split_by_rank(plan, self.rank, self.start_batch),
             lambda s: split_by_worker(s, worker, num_workers, self.start_batch),
-            lambda s: read_records(s, self.source, self.index, self.table),
+            lambda s: read_records(s, self.source, self.index, self.table, check=cfg.check_records),
             lambda s: decode(s, self.index, self.table, seed=cfg.seed, epoch=epoch),
             unbatch,
-            lambda s: batch(s, batch_size=cfg.batch_size, epoch=epoch, static_copies=copies),
+            lambda s: batch(s, batch_size=cfg.batch_size, epoch=epoch, static_copies=copies,
+                            documents=cfg.documents, varlen=cfg.varlen),
         ]
         if cfg.mask_on == "worker":
             stages.append(lambda s: (finish(b, seed=cfg.seed, epoch=epoch, config=self.masking,
@@ -189,9 +256,13 @@ class EpochStream(torch.utils.data.IterableDataset):
 def load_index(source) -> tuple[dict, str]:
     """index.json, validated by loader.format, and its fingerprint (sha256 of its bytes)."""
     data = source.read_index()
-    index = fmt.read_index(data, source=f"{getattr(source, 'root', '')}/{fmt.INDEX_FILE}")
-    for entry in index["shards"]:
-        fmt.check_shard_name(entry["name"])
+    where = f"{getattr(source, 'root', '')}/{fmt.INDEX_FILE}"
+    index = fmt.read_index(data, source=where)
+    if index["format_version"] < 2:
+        warnings.warn(f"{where}: format v{index['format_version']} dataset: its records carry no checksums, so "
+                      f"corruption is not caught while streaming (`maskstream inspect --verify` checks sha256), "
+                      f"and each sequence counts as one document; rerun `maskstream preprocess` for format "
+                      f"v{fmt.FORMAT_VERSION}", fmt.OldFormatWarning, stacklevel=3)
     return index, hashlib.sha256(data).hexdigest()
 
 

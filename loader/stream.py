@@ -2,7 +2,8 @@
 
     loader = MLMLoader("shards/", LoaderConfig(batch_size=32, num_workers=2), rank=r, world_size=w, device="cuda")
     for batch in loader:          # the rest of the current epoch; then loader.epoch += 1
-        ...                       # batch: input_ids, labels (-100 where not masked), attention_mask, uids
+        ...                       # batch: input_ids, labels (-100 where not masked), attention_mask, uids,
+                              # document_ids, position_ids [, cu_seqlens, max_seqlen] (loader/stages.py)
     ckpt["loader"] = loader.state_dict();  loader.load_state_dict(ckpt["loader"])
 
 The batches of a rank are a pure function of (dataset, seed, epoch, rank, world size, batch size) — not of the
@@ -20,7 +21,7 @@ import torch
 from maskstream.errors import UserError
 from maskstream.loader import masking as masking_rule
 from maskstream.loader.order import REMAINDERS, RecordTable, batches_per_rank, remainder_counts
-from maskstream.loader.stages import EpochStream, finish, load_index, static_copies
+from maskstream.loader.stages import EpochStream, finish, load_index, static_copies, to_device
 from maskstream.loader.storage import IOConfig, SourceError, open_source
 
 STATE_VERSION = 1
@@ -38,6 +39,9 @@ class LoaderConfig:
     pin_memory: bool = True    # used when the device is CUDA
     timeout_s: float = 30.0    # remote reads: connect/read timeout ...
     retries: int = 3           # ... and retries after a dropped connection, a timeout or a 5xx
+    check_records: bool = True  # compare each record's checksum with index.json before decoding it (format v2)
+    documents: bool = True     # batches carry document_ids and position_ids (False: the v1 loader's batches)
+    varlen: bool = False       # also cu_seqlens and max_seqlen, for varlen attention kernels
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -49,6 +53,8 @@ class LoaderConfig:
         if self.mask_on not in MASK_ON:
             raise ValueError(f"mask_on={self.mask_on!r}; choose one of {MASK_ON}")
         IOConfig(timeout_s=self.timeout_s, retries=self.retries)
+        if self.varlen and not self.documents:
+            raise ValueError("varlen=True needs documents=True: cu_seqlens come from the document ids")
 
 
 class MLMLoader:
@@ -104,7 +110,7 @@ class MLMLoader:
                                               pin_memory=pin, generator=private)
         for raw in batches:
             if "attention_mask" in raw:  # masked in the worker already
-                out = {k: v.to(self.device, non_blocking=True) for k, v in raw.items()}
+                out = {k: to_device(v, self.device) for k, v in raw.items()}
             else:
                 out = finish(raw, seed=cfg.seed, epoch=epoch, config=self.masking, vocab=self.vocab,
                              seq_len=self.seq_len, device=self.device)

@@ -3,7 +3,10 @@
 A pack group (consecutive documents of one file) is tokenized in one encode call (pipeline/encoder.py gives ids
 and word starts). Packing (a dict keyed by mode) cuts the group's tokens into sequences of exactly
 L tokens wrapped in the tokenizer's own prefix/suffix ([CLS] .. [SEP], <s> .. </s>); the last one of a group
-(full) or of a document (doc) is padded: a counted tail, never dropped. Every sequence gets a stable uid, a
+(full) or of a document (doc) is padded: a counted tail, never dropped. Where a document starts inside a
+sequence is kept (SeqBatch.doc_starts): a document is its tokens and the separator after it; a row's prefix and
+suffix join the documents they touch, so a start at a row's first body token is the row's own start and is not
+recorded (doc packing never records one). Every sequence gets a stable uid, a
 64-bit keyed hash of (config hash, source, position, sequence index); its shard and its place in the shard
 come from further hashes of the uid, so nothing depends on workers, bundles or runs.
 """
@@ -33,17 +36,18 @@ class SeqBatch:
     tokens: np.ndarray       # (B, L) uint16|uint32, pad after length
     word_starts: np.ndarray  # (B, L) bool
     lengths: np.ndarray      # (B,) int32
+    doc_starts: np.ndarray   # (B, L) bool, True where a document starts inside a row (never at position 0)
 
     def __len__(self):
         return len(self.uids)
 
     def take(self, idx) -> "SeqBatch":
-        return SeqBatch(self.uids[idx], self.tokens[idx], self.word_starts[idx], self.lengths[idx])
+        return SeqBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
 
     @staticmethod
     def concat(batches: list["SeqBatch"]) -> "SeqBatch":
-        return SeqBatch(*(np.concatenate([getattr(b, f) for b in batches])
-                          for f in ("uids", "tokens", "word_starts", "lengths")))
+        return SeqBatch(*(np.concatenate([getattr(b, f.name) for b in batches])
+                          for f in dataclasses.fields(SeqBatch)))
 
 
 def tokenize_group(encoder, docs: list[Doc]) -> tuple[list[TokDoc], list[Reject]]:
@@ -81,7 +85,8 @@ def _merge_parts(docs: list[Doc], pieces) -> tuple[list[TokDoc], list[Reject]]:
 
 
 def _chunks(ids: np.ndarray, ws: np.ndarray, *, seq_len: int, prefix, suffix, pad_id: int, dtype):
-    """Cut one token stream into (n, L) sequences of [prefix] chunk [suffix]; the last one padded."""
+    """Cut one token stream into (n, L) sequences of [prefix] chunk [suffix]; the last one padded.
+    (_doc_starts cuts the stream's document starts the same way.)"""
     body = seq_len - len(prefix) - len(suffix)
     n = -(-len(ids) // body)
     tokens = np.full((n, seq_len), pad_id, dtype=dtype)
@@ -109,24 +114,38 @@ def _chunks(ids: np.ndarray, ws: np.ndarray, *, seq_len: int, prefix, suffix, pa
     return tokens, starts, lengths
 
 
+def _doc_starts(firsts: np.ndarray, *, n: int, seq_len: int, prefix_len: int, suffix_len: int) -> np.ndarray:
+    """(n, L) bool: the stream's document-first flags cut into rows as _chunks cuts its tokens, less each row's
+    first body token (the row's prefix joins that document: the row starts with it)."""
+    body = seq_len - prefix_len - suffix_len
+    padded = np.zeros(n * body, dtype=bool)
+    padded[:len(firsts)] = firsts
+    out = np.zeros((n, seq_len), dtype=bool)
+    out[:, prefix_len:prefix_len + body] = padded.reshape(n, body)
+    out[:, :prefix_len + 1] = False
+    return out
+
+
 def _pack_full(docs: list[TokDoc], *, sep_id: int):
     """One stream per group: documents joined by the separator (RoBERTa full-sentences)."""
-    ids, ws = [], []
+    ids, ws, firsts = [], [], []
     for i, d in enumerate(docs):
         if i:
-            ids.append(np.array([sep_id], dtype=np.uint32))
+            ids.append(np.array([sep_id], dtype=np.uint32))  # the separator ends the document before it
             ws.append(np.ones(1, dtype=bool))
+            firsts.append(np.zeros(1, dtype=bool))
         ids.append(d.ids)
         ws.append(d.word_starts)
-    return [(docs[0].position, np.concatenate(ids), np.concatenate(ws))]
+        firsts.append(np.arange(len(d.ids)) == 0)
+    return [(docs[0].position, np.concatenate(ids), np.concatenate(ws), np.concatenate(firsts))]
 
 
 def _pack_doc(docs: list[TokDoc], *, sep_id: int):
     """One stream per document: a sequence never crosses a document."""
-    return [(d.position, d.ids, d.word_starts) for d in docs]
+    return [(d.position, d.ids, d.word_starts, np.arange(len(d.ids)) == 0) for d in docs]
 
 
-# packing mode -> group's documents -> [(uid position, ids, word starts)], one stream each
+# packing mode -> group's documents -> [(uid position, ids, word starts, document firsts)], one stream each
 PACKERS = {"full": _pack_full, "doc": _pack_doc}
 
 
@@ -141,12 +160,14 @@ def pack_group(docs: list[TokDoc], *, packing: str, seq_len: int, info, key: byt
     """All sequences of a group's tokenized documents, and the group's counts."""
     batches = []
     tails = 0
-    for position, ids, ws in PACKERS[packing](docs, sep_id=info.sep_id):
+    for position, ids, ws, firsts in PACKERS[packing](docs, sep_id=info.sep_id):
         tokens, starts, lengths = _chunks(ids, ws, seq_len=seq_len, prefix=info.prefix, suffix=info.suffix,
                                           pad_id=info.pad_id, dtype=dtype)
         tails += int(lengths[-1] < seq_len)
         uids = make_uids(key, docs[0].source, position, len(lengths))
-        batches.append(SeqBatch(uids, tokens, starts, lengths))
+        doc_starts = _doc_starts(firsts, n=len(lengths), seq_len=seq_len, prefix_len=len(info.prefix),
+                                 suffix_len=len(info.suffix))
+        batches.append(SeqBatch(uids, tokens, starts, lengths, doc_starts))
     batch = SeqBatch.concat(batches)
     stats = {"documents_written": len(docs), "sequences": len(batch), "tail_sequences": tails,
              "tokens": int(batch.lengths.sum()),

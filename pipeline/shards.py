@@ -169,7 +169,8 @@ def write_shard(output: str, shard: int, batches: list[SeqBatch], *, shard_cfg, 
         stream = FileSystems.create(final + fmt.PARTIAL_SUFFIX)
         writer = fmt.ShardWriter(stream, fmt.shard_name(shard), vocab_size=info.vocab_size)
     for part in blocks_of(seqs, block_size(seq_len, dtype, shard_cfg.block_bytes)):
-        block = fmt.Block(tokens=part.tokens, lengths=part.lengths, word_starts=part.word_starts, uids=part.uids)
+        block = fmt.Block(tokens=part.tokens, lengths=part.lengths, word_starts=part.word_starts, uids=part.uids,
+                          doc_starts=part.doc_starts)
         if shard_cfg.masking == "static":
             block.static_selected, block.static_inputs = static_block(part, shard_cfg=shard_cfg, masking=masking,
                                                                       vocab=info.vocab())

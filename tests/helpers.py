@@ -153,7 +153,8 @@ def read_tar(path) -> list[tuple[str, bytes]]:
 
 
 def rewrite_shard(directory, i: int, members: list[tuple[str, bytes]]) -> None:
-    """Rewrite shard i from (name, bytes) members, updating its index entry (offsets, bytes, sha256)."""
+    """Rewrite shard i from (name, bytes) members, updating its index entry (offsets, bytes, sha256, record
+    checksums), so what the test forged is what the reader meets after every checksum passes."""
     directory = Path(directory)
     index = json.loads((directory / fmt.INDEX_FILE).read_text())
     entry = index["shards"][i]
@@ -169,6 +170,8 @@ def rewrite_shard(directory, i: int, members: list[tuple[str, bytes]]) -> None:
     (directory / entry["name"]).write_bytes(data)
     entry["records"] = [[offsets[f"{r:06d}"], n] for r, (_, n) in enumerate(entry["records"])]
     entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    ends = [o for o, _ in entry["records"][1:]] + [len(data)]
+    entry["checksums"] = [fmt.record_checksum(data[o:e]) for (o, _), e in zip(entry["records"], ends, strict=True)]
     fmt.write_index(str(directory), index)
 
 
@@ -176,7 +179,7 @@ def collect(loader, *, limit=None) -> list[dict]:
     """The loader's batches as CPU tensors (a whole epoch, or the first `limit`)."""
     out = []
     for batch in loader:
-        out.append({k: v.cpu() for k, v in batch.items()})
+        out.append({k: v.cpu() if hasattr(v, "cpu") else v for k, v in batch.items()})  # max_seqlen: an int
         if limit is not None and len(out) == limit:
             break
     return out

@@ -27,6 +27,7 @@ from maskstream.loader.format import (
 )
 
 L, V = 16, 70000  # a vocabulary over 2**16 exercises uint32 ids
+TOKENIZER = {"vocab_size": V, "pad_id": 0, "mask_id": 4, "special_ids": [0, 1, 2, 3, 4]}
 
 
 def _block(seed, n=5, copies=0):
@@ -43,7 +44,7 @@ def _block(seed, n=5, copies=0):
 
 
 def _index(entries):
-    return make_index(entries=entries, seq_len=L, packing="full", tokenizer={}, masking_config={})
+    return make_index(entries=entries, seq_len=L, packing="full", tokenizer=TOKENIZER, masking_config={})
 
 
 def _members(sample):
@@ -188,7 +189,7 @@ def test_make_index_builds_a_readable_index_with_counts_from_the_entries(tmp_pat
     writer = ShardWriter.create(str(tmp_path), 0, vocab_size=V)
     writer.add(_block(0))
     entry = writer.close()
-    index = make_index(entries=[entry], seq_len=L, packing="full", tokenizer={}, masking_config={},
+    index = make_index(entries=[entry], seq_len=L, packing="full", tokenizer=TOKENIZER, masking_config={},
                        counts={"documents_read": 2})
     assert index["format_version"] == FORMAT_VERSION
     assert index["counts"] == {"sequences": entry["sequences"], "tokens": entry["tokens"], "documents_read": 2}
