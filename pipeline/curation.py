@@ -11,10 +11,11 @@ Like every stage, each emits one tagged union (transforms.DATA / REJECT / STATS)
 from __future__ import annotations
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 
 from maskstream.pipeline import dedup, filters
 from maskstream.pipeline.readers import QUALITY, Reject
-from maskstream.pipeline.transforms import DATA, REJECT, STATS, Data, Side
+from maskstream.pipeline.transforms import DATA, NS, REJECT, STATS, Data, Side
 
 EXACT, BAND = b"x", b"b"      # key prefixes: an exact key's group, a band bucket
 
@@ -40,6 +41,7 @@ def filter_group(element, config: filters.FilterConfig):
             continue
         rule, detail = failed
         counts[f"{QUALITY}_{rule}"] = counts.get(f"{QUALITY}_{rule}", 0) + 1
+        Metrics.counter(NS, f"rejected_{QUALITY}_{rule}").inc()     # for runners' UIs; index.json counts STATS
         yield REJECT, Reject(source, position, QUALITY, f"{rule}: {detail}")
     if kept:
         yield DATA, ((source, group), kept)
@@ -111,6 +113,7 @@ def apply_drops(element):
         if kept_docs:
             yield DATA, ((source, group), kept_docs)
     for position, (reason, (kept_source, kept_position, _)) in sorted(dropped.items()):
+        Metrics.counter(NS, f"rejected_{reason}").inc()
         yield REJECT, Reject(source, position, reason, f"kept {kept_source}:{kept_position}")
 
 
