@@ -127,6 +127,10 @@ def dask_runner():
             te.TRANSLATIONS[beam.ParDo] = _translation()
             try:
                 result = super().run_pipeline(pipeline, options)
+            except OSError as e:      # the client could not reach the scheduler: a user's address or cluster
+                address = options.view_as(beam_dask.DaskOptions).address or "a new local cluster"
+                raise UserError(f"cannot reach the Dask scheduler at {address} ({e}); start the cluster "
+                                "(e.g. `dask scheduler` and `dask worker`) or fix --dask_client_address") from e
             finally:
                 te.TRANSLATIONS[beam.ParDo] = beam_op     # the graph is built; Beam's table as it was
             return _ClosingResult(result)

@@ -48,6 +48,17 @@ def test_short_and_long_runner_names_select_the_fixed_dask_runner():
     pipeline_run.check_beam_flags(["--dask_client_address=127.0.0.1:1"])  # Beam's DaskOptions are known flags
 
 
+@pytest.mark.slow
+def test_an_unreachable_scheduler_ends_in_one_line_naming_it(sotu_subset, bert_json, tmp_path, job):
+    from helpers import free_port
+
+    from maskstream.errors import UserError
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match=f"cannot reach the Dask scheduler at {address}"):
+        job([sotu_subset], bert_json, tmp_path / "out", "--runner=dask", f"--dask_client_address={address}",
+            "--dask_connection_timeout=2")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # NOTE: processes, not threads: each worker unpickles the graph it is sent, as on a real cluster
