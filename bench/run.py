@@ -12,6 +12,7 @@ SUITES = {
     "pipeline": "maskstream.bench.bench_pipeline",
     "dedup": "maskstream.bench.bench_dedup",
     "loader": "maskstream.bench.bench_loader",
+    "scale": "maskstream.bench.bench_mix",
     "trainer": "maskstream.bench.bench_trainer",
 }
 
