@@ -137,12 +137,12 @@ def sampled_peak_rss(pid: int, stop: threading.Event, out: list) -> None:
     out.append(peak)
 
 
-def job(corpus: str, tokenizer_path: str, out: Path) -> tuple[float, dict, float]:
+def job(corpus: str, tokenizer_path: str, out: Path, *flags: str) -> tuple[float, dict, float]:
     """(wall seconds, index, peak RSS MB of the job's processes) of `maskstream preprocess` in a fresh process."""
     from maskstream.loader.format import read_index
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "maskstream.pipeline.run", "--input", corpus, "--tokenizer",
-                             tokenizer_path, "--output", str(out), "--quiet"], cwd=ROOT)
+                             tokenizer_path, "--output", str(out), "--quiet", *flags], cwd=ROOT)
     stop, peak = threading.Event(), []
     sampler = threading.Thread(target=sampled_peak_rss, args=(proc.pid, stop, peak))
     sampler.start()

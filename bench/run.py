@@ -10,7 +10,9 @@ from maskstream.flags import Parser
 # Each module has run(args) -> list[Row]; they are run in this order.
 SUITES = {
     "pipeline": "maskstream.bench.bench_pipeline",
+    "dedup": "maskstream.bench.bench_dedup",
     "loader": "maskstream.bench.bench_loader",
+    "scale": "maskstream.bench.bench_mix",
     "trainer": "maskstream.bench.bench_trainer",
 }
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from maskstream.errors import MissingPath, UserError
 from maskstream.flags import Parser
+from maskstream.loader import documents
 from maskstream.loader.maskconfig import IGNORE_INDEX
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 from maskstream.loader.text import token_text
@@ -47,9 +48,12 @@ def check_tokenizer(expected: dict | None, source: str, loader: MLMLoader, what:
 
 @torch.no_grad()
 def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, world: int = 1,
-             max_batches: int = 0, progress: bool = False) -> dict:
+             max_batches: int = 0, attention: str = "full", progress: bool = False) -> dict:
     """Held-out MLM loss (nats), masked-token accuracy, perplexity and the number of predictions; progress: a bar
-    over the batches it will score."""
+    over the batches it will score.
+
+    attention: the run's --attention (doc: documents packed in a row attend only within themselves).
+    """
     from tqdm import tqdm
 
     was_training = model.training
@@ -64,7 +68,8 @@ def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, worl
             break
         bar.update(1)
         with amp:
-            logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                              **documents.attention_inputs(batch, attention))
         targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
         sums[0] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
         sums[1] += (logits.argmax(dim=-1) == targets).sum()
@@ -131,6 +136,11 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[torch.nn.Modu
         model = MLMEncoder(ModelConfig.from_dict(spec))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]
+
+
+def run_attention(config: dict) -> str:
+    """The attention a run was trained with (runs from before --attention attended across the row)."""
+    return config["train"].get("attention", "full")
 
 
 def load_tokenizer(run_dir: str | Path):
@@ -207,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                           device=a.device)
         check_tokenizer(run_tokenizer, f"the run {a.run}", train, "--baseline-data")
     result = {"run": a.run, "data": a.data, **evaluate(model, held_out, device=torch.device(a.device),
-                                                     progress=not a.json)}
+                                                     attention=run_attention(config), progress=not a.json)}
     rows = []
     if train is not None:
         base = unigram_baseline(train, held_out, progress=not a.json)
