@@ -157,7 +157,8 @@ def test_on_nonfinite_skip_drops_the_updates_counts_them_and_gives_up_after_a_st
     assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 3] and rows[0]["loss"] is not None
     assert all(r["loss"] is None for r in rows[1:])
     ckpt = checkpoint.load(checkpoint.latest(tmp_path / "skip"))
-    assert ckpt["step"] == 4 and ckpt["counters"] == {"step": 4, "skipped_steps": 3}
+    assert ckpt["step"] == 4 and ckpt["counters"] == {"step": 4, "skipped_steps": 3, "tokens": 4 * 8 * 128,
+                                                      "window_loss": 0.0, "window_steps": 0}   # window logged
     assert main(nan_flags(train_dir, tmp_path / "streak", "--max-steps", "20", "--on-nonfinite", "skip")) == 1
     assert checkpoint.latest(tmp_path / "streak").name == "ckpt-0000010.pt"  # 9 skips in a row, then stop
 
