@@ -214,6 +214,8 @@ class UnicodePath:
 
     def __init__(self, tok, ascii_path: AsciiPath):
         self.tok, self.ascii, self.lock = tok, ascii_path, threading.Lock()
+        # NOTE: the tokenizer looks for these in the normalized text, the others in the raw text only
+        self.normalized_added = tuple(t.content for t in tok.get_added_tokens_decoder().values() if t.normalized)
         self.index = np.full(0x110000, -1, dtype=np.int32)     # codepoint -> row, -1 not met yet
         # row 0: characters the path can't take. Each row: the spaced and the normalized form (UTF-32, padded)
         self.spaced = np.full((1, 1), self.PAD, dtype=np.uint32)
@@ -241,8 +243,9 @@ class UnicodePath:
         spaced = self._assemble(self.spaced, rows)
         if self.ascii._holds_added(spaced):
             return None
-        if any(c in spaced for c in self.ascii.firsts):   # added tokens match the normalized text too
-            if self.ascii._holds_added(self._assemble(self.normal, rows)):
+        if self.normalized_added and any(c in spaced for c in self.ascii.firsts):
+            normal = self._assemble(self.normal, rows)
+            if any(a in normal for a in self.normalized_added):
                 return None
         return spaced
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
 from maskstream.pipeline.encoder import (
     AsciiPath,
@@ -162,3 +162,13 @@ def test_no_unicode_path_where_the_rules_do_not_act_per_character(bert, gpt2, zh
     assert_same(Encoder(nfc), nfc, zh_texts[:1] + UNICODE_EDGES)
     assert Encoder(gpt2).unicode is None                           # byte-level BPE: no BertPreTokenizer
     assert_same(Encoder(gpt2), gpt2, zh_texts[:1] + UNICODE_EDGES)
+
+
+def test_an_added_token_the_normalizer_makes_out_of_other_text_takes_the_full_path(bert):
+    tok = Tokenizer.from_str(bert.to_str())
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
+    tok.add_tokens([AddedToken("élan", normalized=True)])              # matched in the normalized text
+    texts = ["ÉLAN 中文", "Élan", "élan", "elan 中文", "中文 ÉLA N"]
+    encoder = Encoder(tok)
+    assert [encoder.take(t) is None for t in texts] == [True, True, True, False, False]
+    assert_same(encoder, tok, texts)
