@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOTU = ROOT / "data" / "sotu.jsonl.gz"
 ZH = ROOT / "data" / "debian-reference-zh.jsonl.gz"
 TOKENIZER = ROOT / "data" / "tokenizers" / "bert-base-uncased.json"
+TARGETS = {"sotu x4": ">= 1.2x", "zh 40 MB": ">= 1.0x"}    # the job vs the anchor, at scale (issue 13)
 
 
 def tokenizer_file(workdir: Path) -> Path:
@@ -203,7 +204,7 @@ def run(args) -> list[Row]:
               f"{bpt:.3f} bytes/token; peak RSS {rss:.0f} MB", flush=True)
         rows += [
             Row(area="pipeline", name=f"job end to end, {name}", value=mb / seconds, unit="MB/s",
-                anchor="encode_batch_fast", anchor_value=fast, target=">= 0.8x"),
+                anchor="encode_batch_fast", anchor_value=fast, target=TARGETS.get(name, ">= 0.8x")),
             Row(area="pipeline", name=f"job's Encoder, {name}", value=enc, unit="MB/s",
                 anchor="encode_batch_fast", anchor_value=fast),
             Row(area="pipeline", name=f"Pool({cpu_count()}) encode_batch, {name}", value=pool, unit="MB/s",
