@@ -50,13 +50,17 @@ bench: bench-env bytecode
 	$(BIN)/maskstream bench
 
 # The GPU proof, prepared on this machine: gpu-bundle/ (ignored, < 60 MB) holds a dataset made by the Beam job and
-# the py3-none-any wheels the GPU machine lacks (its python3.12 has torch, numpy, tokenizers, pyarrow, transformers)
+# the wheels the GPU machine lacks (its python3.12 has torch, numpy, tokenizers, pyarrow, transformers)
 # with the project's own wheel. Carry gpu-bundle/ there and run `bash bench/gpu_check.sh`; here, `--dry` checks it.
 GPU_BUNDLE := gpu-bundle
 GPU_WHEELS := webdataset==1.0.2 braceexpand pytest pluggy iniconfig pygments pytest-timeout
+# compiled wheels the GPU machine lacks: xxhash checks every record (format v2); built for its CPython 3.12 on x86_64
+GPU_BINARY_WHEELS := xxhash==4.1.0
 gpu-prep: install
 	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/wheels
 	$(BIN)/pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d $(GPU_BUNDLE)/wheels $(GPU_WHEELS)
+	$(BIN)/pip download -q --no-deps --python-version 3.12 --only-binary=:all: --implementation cp --abi cp312 \
+	    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_BUNDLE)/wheels $(GPU_BINARY_WHEELS)
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(GPU_BUNDLE)/wheels .
 	$(BIN)/maskstream preprocess --input data/sotu.jsonl.gz --tokenizer data/tokenizers/bert-base-uncased.json \
 	    --output $(GPU_BUNDLE)/data --seq-len 512 --num-shards 8 --quiet

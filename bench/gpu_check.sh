@@ -15,7 +15,14 @@ DRY=""
 SITE="$BUNDLE/site"
 rm -rf "$SITE" "$BUNDLE/out"
 mkdir -p "$BUNDLE/out"
-"$PY" -m pip install -q --no-deps --no-index --target "$SITE" "$BUNDLE"/wheels/*.whl
+# the compiled wheels are built for the GPU machine's python3.12; a python that has the package keeps its own
+WHEELS=()
+for whl in "$BUNDLE"/wheels/*.whl; do
+    name=$(basename "$whl"); name=${name%%-*}
+    case "$whl" in *-none-any.whl) ;; *) "$PY" -c "import $name" 2>/dev/null && continue ;; esac
+    WHEELS+=("$whl")
+done
+"$PY" -m pip install -q --no-deps --no-index --target "$SITE" "${WHEELS[@]}"
 export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 # -P everywhere: the checkout's maskstream/ folder must not shadow the installed package
 "$PY" -P - "$SITE" <<'PY'
