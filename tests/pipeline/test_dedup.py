@@ -104,7 +104,7 @@ def test_the_job_drops_planted_copies_keeping_the_first_and_naming_it(planted, b
     assert c["documents_read"] == 15 == c["documents_written"] + c["documents_rejected"]
     assert c["rejects_by_reason"] == {"duplicate": 2, "near_duplicate": 1}
     rejects = [json.loads(line) for line in (tmp_path / "one" / "rejects" / "rejects.jsonl").read_text().splitlines()]
-    a = str(planted[0])
+    a = planted[0].name         # a file's key: its path below the input's folder, however the input was spelled
     assert [(r["position"], r["reason"], r["detail"]) for r in rejects] == [
         (0, "duplicate", f"kept {a}:3"), (1, "near_duplicate", f"kept {a}:5"), (2, "duplicate", f"kept {a}:3")]
     assert again["counts"] == c

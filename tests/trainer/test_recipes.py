@@ -55,10 +55,11 @@ def test_a_schedule_or_mask_only_is_refused_on_static_masks(tmp_path):
             main(flags(static, tmp_path / "run", "--max-steps", "1", *flag))
 
 
-def test_a_malformed_schedule_flag_is_refused_before_anything_is_built(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_a_malformed_schedule_flag_is_refused_before_anything_is_built(tmp_path):
+    from maskstream.errors import UserError
+    with pytest.raises(UserError, match=r"--mask-schedule 'linear:0.3' is malformed; write one of constant:0.15"):
         parse_args(flags(tmp_path, tmp_path / "run", "--max-steps", "1", "--mask-schedule", "linear:0.3"))
-    assert "--mask-schedule 'linear:0.3' is malformed; write one of constant:0.15" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_attention_defaults_to_doc_and_to_full_for_a_transformers_model(tmp_path):
