@@ -77,6 +77,9 @@ class MLMLoader:
             raise UserError(f"{self.root} stores static masks made with {stored}; a different masking config "
                              f"cannot apply to them. Pass masking=None, or preprocess with --masking dynamic")
         self.masking = stored if masking is None else masking
+        if self.masking.selection == "pmi" and "units" not in self.index:
+            raise UserError(f"{self.root} has no PMI masking units, which selection 'pmi' needs; preprocess it "
+                            f"with `maskstream preprocess ... --selection pmi`, or choose another selection")
         self.batches_per_epoch = batches_per_rank(self.table.num_sequences, batch_size=config.batch_size,
                                                   world_size=world_size, remainder=config.remainder,
                                                   source=self.root)

@@ -104,11 +104,13 @@ class PipelineConfig:
     pack: PackConfig
     shard: ShardConfig
     masking: object          # a MaskingConfig of loader.maskconfig (torch-free), so workers skip torch in dynamic mode
+    pmi: object = None       # a pipeline.pmi.PmiConfig with selection pmi, else None
 
     def to_dict(self) -> dict:
+        # NOTE: "pmi" only when set, so the data hash (and every uid) of other datasets stays as it was
         return {"source": dataclasses.asdict(self.source), "tokenize": dataclasses.asdict(self.tokenize),
                 "pack": dataclasses.asdict(self.pack), "shard": dataclasses.asdict(self.shard),
-                "masking": self.masking.to_dict()}
+                "masking": self.masking.to_dict(), **({"pmi": dataclasses.asdict(self.pmi)} if self.pmi else {})}
 
     def data_hash(self) -> bytes:
         return data_hash(self.to_dict())
@@ -128,6 +130,11 @@ def config_from_args(args) -> PipelineConfig:
     from maskstream.loader.maskconfig import MaskingConfig
     selection = "word" if args.whole_word else args.selection
     masking = MaskingConfig(mask_prob=args.mask_prob, selection=selection)
+    pmi = None
+    if selection == "pmi":
+        from maskstream.pipeline.pmi import PmiConfig
+        pmi = PmiConfig(**{k: v for k, v in (("max_n", args.pmi_max_n), ("max_ngrams", args.pmi_max_ngrams),
+                                             ("min_count", args.pmi_min_count)) if v is not None})
     return PipelineConfig(
         source=SourceConfig(inputs=tuple(args.input), text_field=args.text_field, text_mode=args.text_mode,
                             max_doc_chars=args.max_doc_chars, group_bytes=args.group_bytes),
@@ -135,4 +142,4 @@ def config_from_args(args) -> PipelineConfig:
         pack=PackConfig(seq_len=args.seq_len, packing=args.packing),
         shard=ShardConfig(output=args.output, num_shards=args.num_shards, block_bytes=args.block_bytes,
                           masking=args.masking, static_copies=args.static_copies, seed=args.seed),
-        masking=masking)
+        masking=masking, pmi=pmi)
