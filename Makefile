@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	test -n "$(TORCH_PIN)" || { echo "no torch== pin found in pyproject.toml" >&2; exit 2; }
 	$(BIN)/pip install -q '$(TORCH_PIN)'
-	$(BIN)/pip install -q -e '.[test,dataflow,remote]'
+	$(BIN)/pip install -q -e '.[test,dataflow,remote,hf]'
 	touch $(STAMP)
 
 # NOTE: the project is installed editable, so pip compiles none of its own modules; compiled here, every

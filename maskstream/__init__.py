@@ -3,6 +3,8 @@
 The public API is imported lazily, so `import maskstream` alone loads neither torch nor Apache Beam:
 
     from maskstream import MLMLoader, LoaderConfig, MaskingConfig
+    maskstream.preprocess(inputs, tokenizer, output, seq_len=128, ...)   # the CLI's flags in snake_case
+    maskstream.train_tokenizer(inputs, output, vocab_size=8000, ...)
 
 Subpackages: `maskstream.pipeline` (the Beam job), `maskstream.loader` (format, masking, streaming),
 `maskstream.trainer` (the MLM encoder and its loop), `maskstream.workflows` (demo and experiment).
@@ -18,6 +20,8 @@ _EXPORTS = {
     "MLMLoader": "maskstream.loader.stream",
     "LoaderConfig": "maskstream.loader.stream",
     "MaskingConfig": "maskstream.loader.maskconfig",
+    "preprocess": "maskstream.api",
+    "train_tokenizer": "maskstream.api",
 }
 
 __all__ = sorted(_EXPORTS)

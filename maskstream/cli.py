@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("maskstream.trainer.train", "main", "train the MLM encoder on shards"),
     "evaluate": ("maskstream.trainer.evaluate", "main", "held-out MLM loss / accuracy of a run"),
     "fill-mask": ("maskstream.trainer.evaluate", "fill_mask_main", "predict the [MASK] words of a sentence"),
+    "export-hf": ("maskstream.trainer.hf", "export_main", "a run as a folder transformers loads (fill-mask pipeline)"),
     "demo": ("maskstream.workflows.demo", "main", "tokenizer -> Beam job -> train -> evaluate on the bundled corpus"),
     "experiment": ("maskstream.workflows.experiment", "main", "static-vs-dynamic masking experiment"),
     "bench": ("maskstream.bench.run", "main", "every benchmark against its anchor, one table"),

@@ -29,6 +29,7 @@ class SourceConfig:
     text_mode: str = "line"            # text files: "line" or "paragraph"
     max_doc_chars: int = 1_000_000     # longer documents are split into parts (then tokenized as one)
     group_bytes: int = 512 * 1024      # consecutive documents of a file form a pack group of about this size
+    max_record_bytes: int = 64 << 20   # a longer line (paragraph) is a too_long reject, never held in memory
 
     def __post_init__(self):
         if not self.inputs:
@@ -41,6 +42,8 @@ class SourceConfig:
             _fail("max_doc_chars", self.max_doc_chars, ">= 1000", "Raise --max-doc-chars.")
         if self.group_bytes < 1:
             _fail("group_bytes", self.group_bytes, ">= 1", "Raise --group-bytes.")
+        if self.max_record_bytes < 4096:
+            _fail("max_record_bytes", self.max_record_bytes, ">= 4096", "Raise --max-record-bytes.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,6 +124,9 @@ def data_hash(config: dict) -> bytes:
     d = json.loads(json.dumps(config))
     d["tokenize"].pop("tokenizer")   # the file's sha256 counts, not where it lies
     d["shard"].pop("output")
+    # NOTE: the limit on hostile records decides only which lines are too_long rejects (counted, in rejects.jsonl);
+    # it changes no byte of a sequence written, so it does not key the uids (and kept datasets keep their bytes)
+    d["source"].pop("max_record_bytes", None)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.blake2b(blob, digest_size=16).digest()
 
@@ -137,7 +143,8 @@ def config_from_args(args) -> PipelineConfig:
                                              ("min_count", args.pmi_min_count)) if v is not None})
     return PipelineConfig(
         source=SourceConfig(inputs=tuple(args.input), text_field=args.text_field, text_mode=args.text_mode,
-                            max_doc_chars=args.max_doc_chars, group_bytes=args.group_bytes),
+                            max_doc_chars=args.max_doc_chars, group_bytes=args.group_bytes,
+                            max_record_bytes=args.max_record_bytes),
         tokenize=TokenizeConfig(tokenizer=args.tokenizer, tokenizer_sha256=args.tokenizer_sha256),
         pack=PackConfig(seq_len=args.seq_len, packing=args.packing),
         shard=ShardConfig(output=args.output, num_shards=args.num_shards, block_bytes=args.block_bytes,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Iterator, NamedTuple
 
 from maskstream.errors import MissingPath, UserError
@@ -25,8 +26,9 @@ NO_TOKENS = "no_tokens"             # set by Tokenize: text that normalizes to n
 UNPARSEABLE = "unparseable"         # any other exception while cleaning one record (e.g. RecursionError)
 TOKENIZE_ERROR = "tokenize_error"   # set by Tokenize: the tokenizer raised on this document
 UNREADABLE = "unreadable"           # the file could not be read past this position (e.g. a truncated .gz)
+TOO_LONG = "too_long"               # a line (paragraph) over max_record_bytes: skipped unread, memory bounded
 REASONS = (INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, NON_STRING_FIELD, EMPTY, NO_TOKENS,
-           UNPARSEABLE, TOKENIZE_ERROR, UNREADABLE)
+           UNPARSEABLE, TOKENIZE_ERROR, UNREADABLE, TOO_LONG)
 
 
 class Raw(NamedTuple):
@@ -89,19 +91,89 @@ def _open(path: str):
     return FileSystems.open(path, compression_type=CompressionTypes.AUTO)
 
 
-def iter_lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Lines of a binary stream without their line ending; a final line without one counts too."""
-    rest = b""
+class TooLong(NamedTuple):
+    """Stands for a line or paragraph over max_record_bytes: skipped to its end, never held whole."""
+    size: int            # its bytes
+
+
+class Gunzip:
+    """A .gz file decompressed in bounded pieces (Beam's CompressedFile inflates a 16 MiB read at once: a 2 MB
+    gzip of zeros becomes 2 GB in one call). Concatenated members are read on; a file that ends before its
+    last member's trailer raises EOFError (zlib checks each trailer's CRC-32 and length)."""
+
+    def __init__(self, raw, chunk: int = 1 << 16):
+        # NOTE: small compressed reads: the bytes after each member are copied when the next one starts
+        self.raw, self.chunk = raw, chunk
+        self.d, self.tail, self.started = zlib.decompressobj(31), b"", False
+
+    def read(self, n: int) -> bytes:
+        while True:
+            if self.d.eof:
+                rest = self.d.unused_data or self.raw.read(self.chunk)
+                if not rest:
+                    return b""
+                self.d, self.tail = zlib.decompressobj(31), rest       # the next member
+            data = self.tail or self.raw.read(self.chunk)
+            if not data:
+                if self.started:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached (the .gz "
+                                   "is cut short); its last, partial line is not read")
+                return b""                                             # an empty file
+            self.started = True
+            out = self.d.decompress(data, n)
+            self.tail = self.d.unconsumed_tail
+            if out:
+                return out
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _open_lines(path: str):
+    """A text or JSONL file as a binary stream, decompressed in bounded pieces when it ends in .gz."""
+    from apache_beam.io.filesystems import CompressionTypes, FileSystems
+    raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    return Gunzip(raw) if path.lower().endswith(".gz") else raw
+
+
+def iter_lines(f, chunk: int = 1 << 20, max_bytes: int = 1 << 62) -> Iterator[bytes | TooLong]:
+    """Lines of a binary stream without their line ending; a final line without one counts too.
+
+    A line longer than max_bytes is read on to its end but not kept: a TooLong stands for it, so memory stays
+    about max_bytes + chunk whatever the input."""
+    held: list[bytes] = []       # the pieces of the line not yet ended
+    size = 0                     # its bytes so far (also counted once it is no longer kept)
+
+    def line(last: bytes):
+        whole = size + len(last)
+        if whole > max_bytes:
+            return TooLong(whole)
+        return (b"".join(held) + last if held else last).removesuffix(b"\r")
+
     while True:
         buf = f.read(chunk)
         if not buf:
             break
-        lines = (rest + buf).split(b"\n")
-        rest = lines.pop()
-        for line in lines:
-            yield line.removesuffix(b"\r")
-    if rest:
-        yield rest.removesuffix(b"\r")
+        lines = buf.split(b"\n")
+        if len(lines) > 1:
+            yield line(lines[0])
+            held, size = [], 0
+            for whole in lines[1:-1]:
+                yield whole.removesuffix(b"\r") if len(whole) <= max_bytes else TooLong(len(whole))
+        rest = lines[-1]
+        size += len(rest)
+        if size <= max_bytes:
+            held.append(rest)
+        else:
+            held = []
+    if size:
+        yield line(b"")
 
 
 def _grouped(records, group_bytes: int):
@@ -115,26 +187,38 @@ def _grouped(records, group_bytes: int):
 
 
 def _read_lines(path, source):
-    with _open(path) as f:
-        yield from ((len(line) + 1, i, line) for i, line in enumerate(iter_lines(f)))
+    with _open_lines(path) as f:
+        for i, line in enumerate(iter_lines(f, max_bytes=source.max_record_bytes)):
+            yield (1 if isinstance(line, TooLong) else len(line) + 1), i, line
 
 
 def _read_paragraphs(path, source):
-    """Blank-line separated blocks; position = line number of the block's first line."""
-    with _open(path) as f:
-        block, start = [], 0
-        for i, line in enumerate(iter_lines(f)):
-            if line.strip():
+    """Blank-line separated blocks; position = line number of the block's first line. A block over
+    max_record_bytes is read on to its end but not kept (a TooLong)."""
+    limit = source.max_record_bytes
+    with _open_lines(path) as f:
+        block, start, size = [], 0, 0
+        for i, line in enumerate(iter_lines(f, max_bytes=limit)):
+            if isinstance(line, TooLong) or line.strip():
                 if not block:
-                    start = i
-                block.append(line)
+                    start, size = i, -1
+                size += 1 + (line.size if isinstance(line, TooLong) else len(line))
+                if size > limit:
+                    block = [TooLong(size)]
+                else:
+                    block.append(line)
             elif block:
-                data = b"\n".join(block)
-                yield len(data), start, data
+                yield _paragraph(block, start)
                 block = []
         if block:
-            data = b"\n".join(block)
-            yield len(data), start, data
+            yield _paragraph(block, start)
+
+
+def _paragraph(block, start):
+    if isinstance(block[0], TooLong):
+        return 1, start, block[0]
+    data = b"\n".join(block)
+    return len(data), start, data
 
 
 def _read_parquet(path, source):
@@ -164,7 +248,11 @@ def iter_raw_records(path: str, source) -> Iterator[Raw]:
     position, group = -1, 0
     try:
         for position, group, data in _grouped(reader(path, source), source.group_bytes):
-            yield Raw(path, position, group, fmt, data)
+            if isinstance(data, TooLong):
+                yield Raw(path, position, group, TOO_LONG, f"{data.size:,} bytes, over --max-record-bytes "
+                                                           f"{source.max_record_bytes:,}; not read into memory")
+            else:
+                yield Raw(path, position, group, fmt, data)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 -- a damaged file is one reject, not the end of the job
@@ -204,8 +292,8 @@ def clean_record(raw: Raw, source) -> list[Doc] | Reject:
     def reject(reason, detail):
         return Reject(raw.source, raw.position, reason, detail)
 
-    if raw.fmt == UNREADABLE:
-        return reject(UNREADABLE, raw.data)
+    if raw.fmt in (UNREADABLE, TOO_LONG):
+        return reject(raw.fmt, raw.data)
     if raw.fmt == "parquet":
         text = raw.data
         if text is None:

@@ -39,9 +39,10 @@ AUTO_IN_MEMORY_CORES = 2               # auto: one process with Rust threads up 
 AUTO_IN_MEMORY_BYTES = 64 << 20        # ... or for inputs up to this size on more cores
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of maskstream; `cls` lets the Python API (maskstream.api) raise where the CLI prints usage."""
     # NOTE: each hyphenated flag also has an underscore spelling, the form Dataflow flex templates pass.
-    p = argparse.ArgumentParser(prog="maskstream preprocess", description=__doc__.split("\n")[0],
+    p = cls(prog="maskstream preprocess", description=__doc__.split("\n")[0],
                                 epilog="Unknown flags go to Beam's PipelineOptions (e.g. --runner, --project).")
     p.add_argument("--input", action="extend", nargs="+", required=True,
                    help="file or glob, local or gs:// s3:// (repeatable); .txt .jsonl .parquet, optionally .gz")
@@ -73,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--block-bytes", "--block_bytes", type=int, default=256 * 1024, help="token bytes per tar record")
     p.add_argument("--max-doc-chars", "--max_doc_chars", type=int, default=1_000_000,
                    help="longer documents are split into parts before tokenizing (never a crash)")
+    p.add_argument("--max-record-bytes", "--max_record_bytes", type=int, default=64 << 20,
+                   help="a longer line (or paragraph) of a text/JSONL file is a too_long reject, skipped without "
+                        "being held in memory (default 64 MiB)")
     p.add_argument("--group-bytes", "--group_bytes", type=int, default=512 * 1024,
                    help="consecutive documents of about this many bytes form a pack/tokenize group")
     p.add_argument("--local-mode", "--local_mode", choices=LOCAL_MODES, default="auto",
@@ -84,8 +88,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv) -> tuple[argparse.Namespace, list[str]]:
-    p = parser()
+def parse(argv, *, parser_class=argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+    p = parser(parser_class)
     args, beam_args = p.parse_known_args(argv)
     if args.whole_word and args.selection != "token":
         p.error(f"--whole-word contradicts --selection {args.selection}; pass one of them")
@@ -185,66 +189,97 @@ def summary(index: dict, seconds: float) -> str:
     ])
 
 
-def no_documents_written(output: str) -> UserError:
-    """The error of a run that wrote no document (and so no index.json): how many were rejected, why, where."""
+def no_documents_written(folder: str, output: str) -> UserError:
+    """The error of a run that wrote no document (and so no index.json): how many were rejected, why, where.
+
+    folder: where its rejects file lies (OUT, or the run's staging folder when OUT holds a dataset it keeps)."""
     import collections
 
-    from maskstream.pipeline import shards
+    from maskstream.pipeline import shards, store
     from maskstream.pipeline.readers import REASONS, Reject
-    from maskstream.pipeline.tokenizer import read_bytes
-    path = shards.join(output, shards.REJECTS_DIR, shards.REJECTS_FILE)
-    rejects = [Reject(**json.loads(line)) for line in read_bytes(path).decode().splitlines() if line]
+    path = shards.join(folder, shards.REJECTS_DIR, shards.REJECTS_FILE)
+    rejects = [Reject(**json.loads(line)) for line in store.read(path).decode().splitlines() if line]
     if not rejects:
         return UserError("no document was read: the inputs hold no records; check --input (and --text-mode)")
     counts = collections.Counter(r.reason for r in rejects)
     by_reason = ", ".join(f"{reason} {counts[reason]:,}" for reason in REASONS if counts[reason])
+    kept = "" if folder == output else f" ({output} keeps its dataset; the next run removes this folder)"
     return UserError(f"no document was written: all {len(rejects):,} rejected ({by_reason}); no index.json was "
-                     f"written. See {path} for each reject's file, line (or Parquet row) and reason; "
+                     f"written. See {path}{kept} for each reject's file, line (or Parquet row) and reason; "
                      "check --input and --text-field")
 
 
-def run(argv=None) -> dict:
-    """Run the job; returns the index.json dict it wrote."""
+def run_job(args, beam_args, config, info, text, inputs):
+    """Build the graph for config (its output: where this job writes) and run it to the end."""
     import apache_beam as beam
 
-    from maskstream.pipeline import progress, shards, transforms
-    args, beam_args = parse(sys.argv[1:] if argv is None else argv)
-    check_beam_flags(beam_args)
-    config, info, text, inputs = prepare(args)
+    from maskstream.pipeline import progress, transforms
     options, runner = pipeline_options(beam_args, local_mode=args.local_mode,
                                        input_bytes=sum(n for _, n in inputs))
-    from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions, TestOptions
+    from apache_beam.options.pipeline_options import DirectOptions
     threads = runner is not None and options.view_as(DirectOptions).direct_running_mode == "in_memory"
-    builds_only = options.view_as(TestOptions).dry_run or options.view_as(GoogleCloudOptions).template_location
-    if builds_only:      # nothing runs: touch nothing, but refuse what a real run would refuse
-        shards.check_output(config.shard.output, config.to_dict(), overwrite=args.overwrite)
-        removed = []
-    else:
-        removed = shards.prepare_output(config.shard.output, config.to_dict(), overwrite=args.overwrite)
-    if removed:
-        logging.info("removed %d files of an earlier run from %s", len(removed), config.shard.output)
-    start = time.perf_counter()
-    if not args.quiet:
-        print(f"preprocess: {len(inputs)} file(s), {sum(n for _, n in inputs) / 1e6:.1f} MB -> "
-              f"{config.shard.output}", file=sys.stderr, flush=True)
     p = beam.Pipeline(runner=runner, options=options) if runner else beam.Pipeline(options=options)
     local_path = os.path.abspath(args.tokenizer) if "://" not in args.tokenizer else args.tokenizer
     transforms.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs, threads=threads,
-                 tokenizer_path=local_path if runner is not None else None)   # local workers read it themselves
+                     tokenizer_path=local_path if runner is not None else None)   # local workers read it themselves
     with progress.Bar(None, enabled=runner is not None and not args.quiet and sys.stderr.isatty(),
                       desc="tokenized chars"):
         result = p.run()
         result.wait_until_finish()
-    if builds_only:
+
+
+def builds_only(beam_args) -> bool:
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, TestOptions
+    options = PipelineOptions(beam_args)
+    return bool(options.view_as(TestOptions).dry_run or options.view_as(GoogleCloudOptions).template_location)
+
+
+def run(argv=None, *, swap: bool | None = None, parser_class=argparse.ArgumentParser) -> dict:
+    """Run the job into a staging folder and put the verified dataset in place; returns its index.json dict.
+
+    swap: None picks (see pipeline/staging.py); False forces the in-place commit (tests)."""
+    import dataclasses
+
+    from maskstream.pipeline import shards, staging, store
+    argv = sys.argv[1:] if argv is None else argv
+    args, beam_args = parse(argv, parser_class=parser_class)
+    check_beam_flags(beam_args)
+    config, info, text, inputs = prepare(args)
+    output = config.shard.output
+    staging.refuse_inputs_inside(output, [path for path, _ in inputs])      # before anything is touched
+    if builds_only(beam_args):      # nothing runs: touch nothing, but refuse what a real run would refuse
+        shards.check_output(output, config.to_dict(), overwrite=args.overwrite)
+        run_job(args, beam_args, config, info, text, inputs)
         print("graph built and checked; nothing was run (--dry_run / --template_location)", file=sys.stderr)
         return {}
-    from apache_beam.io.filesystems import FileSystems
-
-    from maskstream.loader.format import INDEX_FILE, read_index
-    from maskstream.pipeline.tokenizer import read_bytes
-    if not FileSystems.exists(shards.join(config.shard.output, INDEX_FILE)):    # see transforms._finish
-        raise no_documents_written(config.shard.output)
-    index = read_index(read_bytes(shards.join(config.shard.output, INDEX_FILE)))
+    run_id = staging.new_run_id()
+    with staging.Lock(output, ["maskstream preprocess", *argv], run_id) as lock:
+        layout = staging.plan(output, run_id, swap=swap)
+        removed = staging.clean_leftovers(layout)
+        if removed and not args.quiet:
+            print(f"preprocess: removed what killed runs left: {', '.join(removed)}", file=sys.stderr, flush=True)
+        foreign = shards.check_output(output, config.to_dict(), overwrite=args.overwrite)
+        start = time.perf_counter()
+        if not args.quiet:
+            print(f"preprocess: {len(inputs)} file(s), {sum(n for _, n in inputs) / 1e6:.1f} MB -> {output}",
+                  file=sys.stderr, flush=True)
+        job = dataclasses.replace(config, shard=dataclasses.replace(config.shard, output=layout.staging))
+        try:
+            run_job(args, beam_args, job, info, text, inputs)
+            index = staging.finalize_index(layout)
+        except BaseException:
+            store.remove_tree(layout.staging)         # a failed run leaves OUT as it was
+            raise
+        if index is None:                             # see transforms._finish: no index.json without documents
+            if store.exists(shards.join(output, "index.json")):
+                raise no_documents_written(layout.staging, output)
+            staging.commit(layout, foreign)           # nothing to replace: the rejects go to OUT, as the report says
+            raise no_documents_written(output, output)
+        if not lock.held():
+            store.remove_tree(layout.staging)
+            raise UserError(f"--output {output}: another run took the lock while this one ran; its dataset was "
+                            "not put in place")
+        staging.commit(layout, foreign)
     if not args.quiet:
         print(summary(index, time.perf_counter() - start), file=sys.stderr, flush=True)
     return index

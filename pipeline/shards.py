@@ -1,11 +1,10 @@
 """Writing the dataset: shards, rejects and index.json (the record logic of WriteShards and WriteIndex).
 
-Every file is written under a temporary name and renamed when complete; `prepare_output` removes what a
-crashed or earlier run of the same dataset left (index.json first, so a half-rewritten dataset is never taken
-for a complete one); it refuses a folder holding another dataset or files not a dataset's own (unless
---overwrite), and never deletes those.
-Local folders use loader.format's ShardWriter.create / write_index; other Beam filesystems (gs://, s3://)
-stream through FileSystems and rename the same way.
+Every file is written under a temporary name and renamed when complete, into the run's staging folder
+(pipeline/staging.py puts the verified dataset in place). `check_output` refuses an output holding another
+dataset or files not a dataset's own (unless --overwrite), and names those files so the swap keeps them.
+Local folders use loader.format's ShardWriter.create / write_index; other filesystems (gs://, s3://, fsspec
+URLs) stream through pipeline/store.py and rename the same way.
 """
 from __future__ import annotations
 
@@ -16,69 +15,44 @@ import os
 import numpy as np
 
 from maskstream.loader import format as fmt
-from maskstream.loader.atomic import atomic_write
+from maskstream.pipeline import store
 from maskstream.pipeline.config import data_hash
 from maskstream.pipeline.packing import SeqBatch, shard_order
 from maskstream.pipeline.pmi import VOCAB_FILE as UNITS_FILE
 from maskstream.pipeline.readers import REASONS
+from maskstream.pipeline.staging import INNER_STAGING, REMOTE_LOCK
+from maskstream.pipeline.store import is_local, join
 
 REJECTS_DIR = "rejects"
 REJECTS_FILE = "rejects.jsonl"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def join(base: str, *names: str) -> str:
-    if is_local(base):
-        return os.path.join(base.removeprefix("file://"), *names)
-    return "/".join([base.rstrip("/"), *names])
-
-
 def _write_atomic(path: str, data: bytes) -> None:
-    """Write bytes under a temporary name, then rename into place (any Beam filesystem)."""
-    temp = path + fmt.PARTIAL_SUFFIX
-    if is_local(path):
-        atomic_write(path, data, temp=temp)
-        return
-    from apache_beam.io.filesystems import FileSystems
-    with FileSystems.create(temp) as f:
-        f.write(data)
-    FileSystems.rename([temp], [path])
-
-
-def _local_files(folder: str) -> list[str]:
-    """Every file under a local folder, as paths relative to it with / separators."""
-    found = []
-    for root, _, files in os.walk(folder):
-        rel = os.path.relpath(root, folder)
-        found += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in files]
-    return sorted(found)
+    """Write bytes under a temporary name, then move into place (any output filesystem)."""
+    store.write_atomic(path, data, temp=path + fmt.PARTIAL_SUFFIX)
 
 
 def _earlier_index(folder: str) -> dict | None:
     """The index.json an earlier run left, or None when there is none or it does not read (a crashed run)."""
     try:
-        with open(os.path.join(folder, fmt.INDEX_FILE), "rb") as f:
-            index = json.loads(f.read())
+        index = json.loads(store.read(join(folder, fmt.INDEX_FILE)))
     except (OSError, ValueError):
         return None
     return index if isinstance(index, dict) and isinstance(index.get("config"), dict) else None
 
 
 def check_output(output: str, config: dict, *, overwrite: bool = False) -> list[str]:
-    """The files of an earlier run to delete before the job (relative paths, index.json first).
+    """The files of OUT that are not the dataset's own (relative paths): kept where they are across the swap.
 
     Refused unless overwrite: a folder whose index.json records another config (data_hash differs), or one
     holding files that are not a dataset's own (its listed shards, the shards this job writes, index.json,
     tokenizer.json, rejects/rejects.jsonl and their temporary names). Files not a dataset's own are never
-    returned, so never deleted. config: PipelineConfig.to_dict()."""
+    deleted. config: PipelineConfig.to_dict()."""
     from maskstream.errors import UserError
-    if not is_local(output) or not os.path.isdir(join(output)):
-        return []
     folder = join(output)
+    if is_local(output) and not os.path.isdir(folder):
+        return []
     earlier = _earlier_index(folder)
     if earlier is not None and not overwrite:
         try:
@@ -93,41 +67,15 @@ def check_output(output: str, config: dict, *, overwrite: bool = False) -> list[
         shards |= {e.get("name") for e in earlier.get("shards", []) if isinstance(e, dict)}
     own = {fmt.INDEX_FILE, TOKENIZER_FILE, f"{REJECTS_DIR}/{REJECTS_FILE}", UNITS_FILE, *shards}
     own |= {name + fmt.PARTIAL_SUFFIX for name in own}
-    files = _local_files(folder)
-    foreign = [f for f in files if f not in own]
+    # a staging folder and the lock inside OUT are the run's own (pipeline/staging.py), not foreign files
+    foreign = sorted(f for f in store.files(folder)
+                     if f not in own and not f.startswith(INNER_STAGING) and f != REMOTE_LOCK)
     if foreign and not overwrite:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise UserError(f"--output {output} holds files that are not this dataset's own "
                         f"({', '.join(foreign[:3])}{more}); pass an empty or new --output, or --overwrite "
                         "(they are kept either way)")
-    return sorted((f for f in files if f in own), key=lambda f: (f != fmt.INDEX_FILE, f))
-
-
-def prepare_output(output: str, config: dict | None = None, *, overwrite: bool = False) -> list[str]:
-    """Make the folder and delete what an earlier or crashed run of the dataset left; returns the paths removed.
-
-    Local folders go through check_output (which refuses another dataset or foreign files); on other
-    filesystems only the dataset's own names (index.json, shards, rejects) are matched and deleted."""
-    from apache_beam.io.filesystems import FileSystems
-    if is_local(output) and config is not None:
-        stale = [join(output, f) for f in check_output(output, config, overwrite=overwrite)]
-        for path in stale:   # index.json comes first: the dataset turns incomplete at once
-            os.remove(path)
-        os.makedirs(join(output, REJECTS_DIR), exist_ok=True)
-        return stale
-    if is_local(output):
-        os.makedirs(join(output, REJECTS_DIR), exist_ok=True)
-    patterns = [join(output, fmt.INDEX_FILE), join(output, fmt.INDEX_FILE + fmt.PARTIAL_SUFFIX),
-                join(output, "shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar"),
-                join(output, "shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar" + fmt.PARTIAL_SUFFIX),
-                join(output, REJECTS_DIR, REJECTS_FILE), join(output, REJECTS_DIR, REJECTS_FILE + fmt.PARTIAL_SUFFIX)]
-    removed = []
-    for result in FileSystems.match(patterns):   # index.json comes first: the dataset turns incomplete at once
-        paths = [m.path for m in result.metadata_list]
-        if paths:
-            FileSystems.delete(paths)
-            removed += paths
-    return removed
+    return foreign
 
 
 def blocks_of(batch: SeqBatch, block_size: int):
@@ -166,9 +114,8 @@ def write_shard(output: str, shard: int, batches: list[SeqBatch], *, shard_cfg, 
         writer = fmt.ShardWriter.create(join(output), shard, vocab_size=info.vocab_size)
         stream = None
     else:
-        from apache_beam.io.filesystems import FileSystems
         final = join(output, fmt.shard_name(shard))
-        stream = FileSystems.create(final + fmt.PARTIAL_SUFFIX)
+        stream = store.create(final + fmt.PARTIAL_SUFFIX)
         writer = fmt.ShardWriter(stream, fmt.shard_name(shard), vocab_size=info.vocab_size)
     for part in blocks_of(seqs, block_size(seq_len, dtype, shard_cfg.block_bytes)):
         block = fmt.Block(tokens=part.tokens, lengths=part.lengths, word_starts=part.word_starts, uids=part.uids,
@@ -180,7 +127,7 @@ def write_shard(output: str, shard: int, batches: list[SeqBatch], *, shard_cfg, 
     entry = writer.close()
     if stream is not None:
         stream.close()
-        FileSystems.rename([final + fmt.PARTIAL_SUFFIX], [final])
+        store.move(final + fmt.PARTIAL_SUFFIX, final)
     return entry
 
 

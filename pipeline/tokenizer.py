@@ -210,8 +210,10 @@ def convert_gpt2(vocab_path: str, merges_path: str) -> Tokenizer:
     return tok
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="maskstream tokenizer", description=__doc__.split("\n")[0])
+def parser(cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of `maskstream tokenizer`; `cls` lets the Python API (maskstream.api) raise where the CLI
+    prints usage."""
+    parser = cls(prog="maskstream tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a tokenizer on text/JSONL/Parquet inputs")
     t.add_argument("--input", nargs="+", action="extend", required=True, help="paths or globs (repeatable)")
@@ -225,17 +227,27 @@ def main(argv=None) -> int:
     c.add_argument("--vocab", required=True)
     c.add_argument("--merges", required=True)
     c.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(argv=None, *, parser_class=argparse.ArgumentParser) -> tuple[str, TokenizerInfo]:
+    """Train or convert as the flags say, save to --out; returns that path and the saved tokenizer's facts."""
+    p = parser(parser_class)
+    args = p.parse_args(argv)
     if args.cmd == "train":
         if args.vocab_size < 100:
-            parser.error(f"--vocab-size {args.vocab_size} is too small; use e.g. 8000 or 30522")
+            p.error(f"--vocab-size {args.vocab_size} is too small; use e.g. 8000 or 30522")
         texts = sample_texts(args.input, text_field=args.text_field, sample_bytes=args.sample_bytes)
         tok = train(texts, kind=args.kind, vocab_size=args.vocab_size)
     else:
         tok = convert_gpt2(args.vocab, args.merges)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tok.save(args.out)
-    _, info, _ = load_tokenizer(args.out)
-    print(f"wrote {args.out}: {info.kind}, {info.vocab_size} tokens, pad={info.pad_id} mask={info.mask_id} "
+    return args.out, load_tokenizer(args.out)[1]
+
+
+def main(argv=None) -> int:
+    out, info = run(argv)
+    print(f"wrote {out}: {info.kind}, {info.vocab_size} tokens, pad={info.pad_id} mask={info.mask_id} "
           f"cls={info.cls_id} sep={info.sep_id}", file=sys.stderr)
     return 0

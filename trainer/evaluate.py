@@ -102,15 +102,20 @@ def unigram_baseline(train_loader: MLMLoader, held_out: MLMLoader) -> dict:
     return {"token_id": top, "accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "predictions": n}
 
 
-def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[MLMEncoder, dict]:
-    """The run's newest intact model (eval mode) and its config."""
+def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The run's newest intact model (eval mode; an MLMEncoder, or an hf.HFMaskedLM) and its config."""
     run_dir = Path(run_dir)
     found = checkpoint.load_latest(run_dir)
     if found is None:
         raise MissingPath(f"{run_dir} holds no intact checkpoint (ckpt-*.pt with its ckpt-*.json); train "
                           f"first with `maskstream train --out {run_dir} ...`")
     _, ckpt = found
-    model = MLMEncoder(ModelConfig.from_dict(ckpt["config"]["model"]))
+    spec = ckpt["config"]["model"]
+    if "hf" in spec:    # a `train --hf-config` run (trainer.hf)
+        from maskstream.trainer.hf import HFConfig, HFMaskedLM
+        model = HFMaskedLM(HFConfig(**spec))
+    else:
+        model = MLMEncoder(ModelConfig.from_dict(spec))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]
 

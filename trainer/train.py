@@ -46,6 +46,7 @@ class TrainConfig:
     data: str
     out: str
     model_size: str = "tiny"
+    hf_config: str | None = None   # a transformers config.json: train that AutoModelForMaskedLM instead (trainer.hf)
     max_steps: int = 0             # optimizer steps; 0 = derive from epochs
     epochs: float = 0.0
     batch_size: int = 32           # sequences per micro-batch per rank
@@ -93,6 +94,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.resume not in ("", "latest", "auto"):
             raise ValueError(f"--resume {self.resume!r}; pass --resume (the latest checkpoint) or --resume auto")
+        if self.hf_config and self.dropout >= 0:
+            raise ValueError(f"--dropout {self.dropout} sets the --model-size presets' dropout; with --hf-config set "
+                             "it in the config file (e.g. hidden_dropout_prob, attention_probs_dropout_prob)")
         if self.lr <= 0 or self.clip < 0:
             raise ValueError(f"--lr {self.lr} must be > 0 and --clip {self.clip} >= 0 (0 disables clipping)")
 
@@ -105,6 +109,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
     p.add_argument("--data", required=True, help="shard folder or URL prefix holding index.json")
     p.add_argument("--out", required=True, help="run folder: config, metrics, plot, checkpoints")
     p.add_argument("--model-size", default="tiny", choices=list(PRESETS))
+    p.add_argument("--hf-config", default=None, metavar="CONFIG.json",
+                   help="train this transformers AutoModelForMaskedLM architecture instead of --model-size (its "
+                        "vocabulary size, special ids and positions come from the dataset); writes OUT/hf/")
     p.add_argument("--max-steps", type=int, default=0)
     p.add_argument("--epochs", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per rank")
@@ -151,7 +158,7 @@ class Run:
     device: torch.device
     loader: MLMLoader
     model: torch.nn.Module     # DDP-wrapped / compiled as trained
-    raw_model: MLMEncoder      # the module whose state_dict is saved
+    raw_model: torch.nn.Module  # the module whose state_dict is saved: MLMEncoder, or hf.HFMaskedLM
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
@@ -224,11 +231,16 @@ def check_out(cfg: TrainConfig, rank: int) -> None:
         print(f"--resume auto: {cfg.out} holds no checkpoint; starting a new run", file=sys.stderr)
 
 
+def model_flag(train: dict) -> str:
+    """The flag that chose a run's model, from its TrainConfig dict: for messages."""
+    return f"--hf-config {train['hf_config']}" if train.get("hf_config") else f"--model-size {train['model_size']}"
+
+
 def check_length(cfg: TrainConfig, loader: MLMLoader, max_len: int, what: str) -> None:
     """The dataset's sequences fit the model."""
     if loader.seq_len > max_len:
         raise UserError(f"{what} {loader.root} holds sequences of {loader.seq_len} tokens but the "
-                        f"--model-size {cfg.model_size} model of this run accepts at most {max_len}; "
+                        f"{model_flag(cfg.to_dict())} model of this run accepts at most {max_len}; "
                         f"preprocess it with --seq-len {max_len} or less")
 
 
@@ -239,12 +251,9 @@ def build(cfg: TrainConfig) -> Run:
                                               num_workers=cfg.num_workers),
                        rank=rank, world_size=world, device=str(device))
     check_masking(cfg, loader.index)
-    vocab = loader.vocab
-    overrides = {} if cfg.dropout < 0 else {"dropout": cfg.dropout}
-    model_cfg = preset(cfg.model_size, vocab_size=vocab.size, max_len=loader.seq_len, pad_id=vocab.pad_id,
-                       **overrides)
     torch.manual_seed(cfg.seed)  # the initial weights: the same on every rank
-    raw = MLMEncoder(model_cfg).to(device)
+    raw = new_model(cfg, loader, rank).to(device)
+    model_cfg = raw.config
     torch.manual_seed(cfg.seed * 1000 + rank)  # dropout: a different stream per rank, saved in checkpoints
     decay = [p for p in raw.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw.parameters() if p.dim() < 2]
@@ -286,6 +295,27 @@ def build(cfg: TrainConfig) -> Run:
     return run
 
 
+def new_model(cfg: TrainConfig, loader: MLMLoader, rank: int) -> torch.nn.Module:
+    """The model to train, shaped by the dataset: a --model-size preset, or the --hf-config architecture."""
+    if cfg.hf_config:
+        from maskstream.trainer import hf
+        return hf.masked_lm(cfg.hf_config, loader.index, announce=rank == 0 and not cfg.resume)
+    overrides = {} if cfg.dropout < 0 else {"dropout": cfg.dropout}
+    vocab = loader.vocab
+    return MLMEncoder(preset(cfg.model_size, vocab_size=vocab.size, max_len=loader.seq_len, pad_id=vocab.pad_id,
+                             **overrides))
+
+
+def save_hf(run: Run) -> None:
+    """OUT/hf/ of an --hf-config run, from the trained model (trainer.hf)."""
+    if run.rank != 0 or not run.cfg.hf_config:
+        return
+    from maskstream.trainer import hf
+    tokenizer = Path(run.cfg.out) / run_folder.TOKENIZER
+    hf.save(run.raw_model, Path(run.cfg.out) / hf.HF_DIR, run_config(run),
+            tokenizer_json=tokenizer.read_text() if tokenizer.is_file() else None)
+
+
 def run_config(run: Run) -> dict:
     """The whole run as JSON-able values: RUN/config.json and the `config` of every checkpoint."""
     index = run.loader.index
@@ -307,8 +337,8 @@ def resume(run: Run) -> None:
     evaluate.check_tokenizer(saved.get("dataset", {}).get("tokenizer"), f"the checkpoint {path}", run.loader,
                              "--data")
     if saved["model"] != run.raw_model.config.to_dict():
-        raise UserError(f"{path} holds a {saved['train']['model_size']} model with a different shape than "
-                        f"--model-size {run.cfg.model_size}; resume with the run's own flags")
+        raise UserError(f"{path} holds a {model_flag(saved['train'])} model with a different shape than "
+                        f"{model_flag(run.cfg.to_dict())}; resume with the run's own flags")
     run.checkpointer.restore(ckpt, path)
 
 
@@ -467,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     run = build(cfg)
     try:
         train(run)
+        save_hf(run)
     except NonFiniteError as e:
         print(f"maskstream train: {e}", file=sys.stderr)
         return 1

@@ -1,15 +1,11 @@
-"""Local execution modes (auto choice, flags) and a real crash: the job SIGKILLed mid-write, then rerun."""
+"""Local execution modes (auto choice, flags); a real SIGKILL mid-write is in test_staging.py."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import write_sotu_subset
 
 from maskstream.pipeline import local_runner, packing, readers
 from maskstream.pipeline import run as pipeline_run
@@ -17,8 +13,6 @@ from maskstream.pipeline.encoder import Encoder
 from maskstream.pipeline.tokenizer import TokenizerRef, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-KILL_DOCS = 120          # about half of SOTU: a few seconds of work, so the kill lands mid-run
-KILL_SHARDS = 32         # many shards: the window in which shards are being written is wide
 
 
 def test_auto_mode_is_one_process_on_few_cores_or_small_inputs():
@@ -72,41 +66,6 @@ def test_several_groups_in_one_encode_call_equal_one_call_per_group(bert_json, s
         assert all((a.ids == b.ids).all() and (a.word_starts == b.word_starts).all()
                    for a, b in zip(tokdocs, alone, strict=False))
     assert [r.position for r in together[1][1]] == [19]
-
-
-@pytest.fixture
-def half_sotu(tmp_path) -> Path:
-    return write_sotu_subset(tmp_path / "half-sotu.jsonl", KILL_DOCS)
-
-
-@pytest.mark.slow
-def test_job_killed_mid_write_then_rerun_leaves_exactly_the_clean_runs_files(half_sotu, bert_json, tmp_path,
-                                                                             job, hashes):
-    out = tmp_path / "out"
-    flags = ("--num-shards", KILL_SHARDS)
-    job([half_sotu], bert_json, out, *flags)
-    clean = hashes(out)
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    argv = [sys.executable, "-m", "maskstream.pipeline.run", "--input", str(half_sotu), "--tokenizer", str(bert_json),
-            "--output", str(out), "--quiet", *map(str, flags)]
-    proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            if out.is_dir() and any(n.startswith("shard-") for n in os.listdir(out)):
-                break                                    # a .partial or the first shard: writing has begun
-            time.sleep(0.002)
-        assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
-        os.killpg(proc.pid, signal.SIGKILL)              # the whole group: a multi-process run's workers too
-    finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "index.json").exists(), "killed after index.json was written: widen KILL_SHARDS"
-    assert any(p.name.startswith("shard-") for p in out.iterdir())   # e.g. shard-000000.tar.partial
-    job([half_sotu], bert_json, out, *flags)
-    assert hashes(out) == clean
 
 
 def test_tokenizer_read_by_path_must_not_change_while_the_job_runs(bert_json, tmp_path):
