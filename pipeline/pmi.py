@@ -185,7 +185,8 @@ def select_vocabulary(hashes: np.ndarray, counts: np.ndarray, ngrams: dict[int, 
         group = sorted(ngrams[int(h)] for h in hashes if len(ngrams[int(h)]) == n)
         if not group:
             continue
-        scores = pmi_scores(group, hashes, counts, positions)
+        # NOTE: rounded, so that values equal in exact arithmetic tie (and go to the n-gram) whatever the float path
+        scores = np.round(pmi_scores(group, hashes, counts, positions), 9)
         at = np.searchsorted(hashes, ngram_hashes(word_matrix(group), n))
         # highest PMI_n first, ties by the n-gram itself (group is sorted, the sort is stable)
         for i in [i for i in np.argsort(-scores, kind="stable") if scores[i] > 0][:quota]:
