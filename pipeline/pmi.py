@@ -1,6 +1,6 @@
 """PMI masking units (Levine et al., ICLR 2021): n-gram counts, PMI_n scores, the vocabulary, unit starts.
 
-Plain Python/numpy functions; the Beam stages that call them are in pipeline/transforms_pmi.py.
+Plain Python/numpy functions; the Beam stages that call them are in pipeline/pmi_stages.py.
 
 Words are the tokenizer's words (a token starts one where its word id changes: TokDoc.word_starts), so a unit
 maps to a token span; a word is the tuple of its token ids and an n-gram the tuple of its words. With BERT's
@@ -63,15 +63,6 @@ def word_firsts(word_starts: np.ndarray) -> np.ndarray:
     return firsts if len(firsts) and firsts[0] == 0 else np.concatenate([[0], firsts]).astype(np.int64)
 
 
-def words_of(ids: np.ndarray, word_starts: np.ndarray) -> list[tuple[int, ...]]:
-    """A document's words, each the tuple of its token ids."""
-    if len(ids) == 0:
-        return []
-    bounds = word_firsts(word_starts).tolist()
-    ids = ids.tolist()
-    return [tuple(ids[a:b]) for a, b in zip(bounds, bounds[1:] + [len(ids)], strict=True)]
-
-
 def word_hashes(ids: np.ndarray, word_starts: np.ndarray) -> np.ndarray:
     """(W,) uint64: a hash of each word's token ids, in order."""
     if len(ids) == 0:
@@ -113,7 +104,7 @@ def merge_counts(parts) -> tuple[np.ndarray, np.ndarray]:
 
 def count_positions(tokdocs, max_n: int) -> dict[int, int]:
     """{n: number of n-gram positions} (the denominator of p for n-grams of n words) of TokDocs."""
-    lengths = [int(np.count_nonzero(d.word_starts[1:])) + 1 for d in tokdocs if len(d.ids)]  # words_of's words
+    lengths = [int(np.count_nonzero(d.word_starts[1:])) + 1 for d in tokdocs if len(d.ids)]  # as word_firsts counts
     return {n: sum(max(0, m - n + 1) for m in lengths) for n in range(1, max_n + 1)}
 
 

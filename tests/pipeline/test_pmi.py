@@ -24,17 +24,21 @@ def tokdocs(bert_json, sotu_texts):
     return [TokDoc("sotu", i, ids, ws) for i, (ids, ws) in enumerate(encoder.encode(sotu_texts[:4]))]
 
 
+def brute_words(d) -> list[tuple[int, ...]]:
+    """A document's words as tuples of token ids, by a plain Python loop."""
+    words = []
+    for i, (t, start) in enumerate(zip(d.ids.tolist(), d.word_starts.tolist(), strict=True)):
+        if i == 0 or start:
+            words.append([])
+        words[-1].append(t)
+    return [tuple(w) for w in words]
+
+
 def brute_counts(tokdocs, max_n):
     """{n-gram as a tuple of words: count}, words as tuples of token ids, by plain Python loops."""
     counts = collections.Counter()
     for d in tokdocs:
-        ids, ws = d.ids.tolist(), d.word_starts.tolist()
-        words = []
-        for i, t in enumerate(ids):
-            if i == 0 or ws[i]:
-                words.append([])
-            words[-1].append(t)
-        words = [tuple(w) for w in words]
+        words = brute_words(d)
         for n in range(1, max_n + 1):
             for i in range(len(words) - n + 1):
                 counts[tuple(words[i:i + n])] += 1
@@ -91,7 +95,7 @@ def test_vocabulary_is_the_top_pmi_per_length_with_ties_by_ngram(tokdocs):
 
 def test_units_are_the_greedy_longest_match_left_to_right(tokdocs):
     d = tokdocs[0]
-    words = pmi.words_of(d.ids, d.word_starts)
+    words = brute_words(d)
     # a vocabulary whose n-grams overlap: "a b c", "b c d e", "c d" style chains taken from the text itself
     grams = [tuple(words[i:i + n]) for i, n in ((10, 3), (11, 4), (12, 2), (40, 5), (41, 2), (100, 2))]
     grams += [tuple(words[i:i + 2]) for i in range(200, 400, 7)]
@@ -153,3 +157,11 @@ def test_index_units_entry_is_checked(tmp_path):
                          ({"ngrams_by_n": {"7": 3}}, "length"), ({"settings": {"max_n": 5}}, "units.settings")):
         with pytest.raises(fmt.FormatError, match=message):
             fmt.read_index(json.dumps({**index, "units": {**good, **bad}}))
+
+
+def test_cjk_characters_are_words_with_berts_tokenizer(bert_json):
+    encoder = Encoder(Tokenizer.from_file(str(bert_json)))
+    ids, ws = encoder.encode(["debian 参考手册 是一本书"])[0]
+    doc = TokDoc("zh", 0, ids, ws)
+    assert pmi.count_positions([doc], 2) == {1: 9, 2: 8}   # "debian" and eight characters
+    assert len(pmi.count_group([doc], 1)[0]) == len({tuple(w) for w in brute_words(doc)})
