@@ -51,3 +51,21 @@ bench: bench-env bytecode
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# `make bench-peers`: MLMLoader against mosaicml-streaming and litdata on the same sequences (bench/bench_peers.py).
+# NOTE: the peers get their own venv, .venv-peers, from bench/requirements-peers.txt: their pins conflict with ours
+# (mosaicml-streaming 0.13: numpy < 2.2, transformers < 5). Torch first and pinned, as in .venv; the check after
+# the install fails the build if anything pulled CUDA packages.
+PEERS := .venv-peers
+.PHONY: bench-peers
+$(PEERS)/.installed: bench/requirements-peers.txt pyproject.toml
+	test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q --upgrade pip
+	test -n "$(TORCH_PIN)" || { echo "no torch== pin found in pyproject.toml" >&2; exit 2; }
+	$(PEERS)/bin/pip install -q '$(TORCH_PIN)'
+	$(PEERS)/bin/pip install -q -r bench/requirements-peers.txt '$(TORCH_PIN)'
+	if $(PEERS)/bin/pip list 2>/dev/null | grep -i '^nvidia-'; then echo "CUDA packages in $(PEERS)" >&2; exit 2; fi
+	touch $@
+
+bench-peers: bytecode $(PEERS)/.installed
+	$(BIN)/python -m maskstream.bench.bench_peers --peers-python $(PEERS)/bin/python

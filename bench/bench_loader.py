@@ -166,13 +166,13 @@ def collator_rows(tokens: np.ndarray, best_loader: float) -> list[Row]:
                 unit="tokens/s", anchor="HF collator (tensors)", anchor_value=tensors, target="")]
 
 
-def run(args) -> list[Row]:
+def run(args, body=None) -> list[Row]:
     # NOTE: every contender runs with one intra-op thread. On a small shared machine, torch's OpenMP threads
     # spin-wait for busy cores: mask_batch measured 84 ms per batch with 2 threads vs 4 ms with 1.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(args)
+        return (body or _run)(args)
     finally:
         torch.set_num_threads(threads)
 

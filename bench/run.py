@@ -11,6 +11,7 @@ from maskstream.bench.common import table
 SUITES = {
     "pipeline": "maskstream.bench.bench_pipeline",
     "loader": "maskstream.bench.bench_loader",
+    "scale": "maskstream.bench.bench_mix",
     "trainer": "maskstream.bench.bench_trainer",
 }
 

@@ -6,8 +6,9 @@
     maskstream inspect DIR --dump-masks m.jsonl --epoch 0 [--num-workers W] [--batch-size B]
                            [--rank R --world-size N] [--limit N]   # one JSON line per sequence
 
---show and --dump-masks run the real loader path (MLMLoader), so what they print is what training gets.
-DIR may be a local folder or a URL prefix (http(s)://, gs://, s3://).
+--show and --dump-masks run the real loader path (MLMLoader), so what they print is what training gets; each
+dumped line carries the step (the rank's batch index in the epoch) and the source of the sequence.
+DIR may be a local folder, a URL prefix (http(s)://, gs://, s3://) or a mixture file (mix.json).
 """
 from __future__ import annotations
 
@@ -28,15 +29,29 @@ _U64 = (1 << 64) - 1
 
 
 def summary(loader: MLMLoader) -> str:
-    """The manifest in a few lines."""
-    ix, c = loader.index, loader.index["counts"]
+    """The manifest in a few lines (a mixture: its sources and shares, then each source's manifest)."""
+    if loader.mixture is None:
+        return _manifest(loader.root, loader.datasets[0])
+    plan = loader.mix_plan
+    lines = [f"mixture    {loader.root}: {len(loader.datasets)} sources, {loader.batches_per_epoch} steps of "
+             f"{plan.global_batch} sequences an epoch, {plan.partitions} partition(s), fingerprint "
+             f"{loader.fingerprint[:12]}"]
+    for name, ds, share, base in zip(loader.source_names, loader.datasets, plan.share, plan.base, strict=True):
+        lines.append(f"source     {name}: share {float(share):.4f} ({base}-{base + 1} of every "
+                     f"{plan.global_batch}), {ds.table.num_sequences:,} sequences, {ds.root}")
+    return "\n".join(lines + [f"\n[{name}]\n" + _manifest(ds.root, ds)
+                              for name, ds in zip(loader.source_names, loader.datasets, strict=True)])
+
+
+def _manifest(root: str, ds) -> str:
+    ix, c = ds.index, ds.index["counts"]
     total = sum(s["bytes"] for s in ix["shards"])
     tokens = max(1, c.get("tokens", 0))
-    records = len(loader.table.sequences)
+    records = len(ds.table.sequences)
     tok, m = ix["tokenizer"], ix["masking"]
     rejects = ", ".join(f"{k} {v:,}" for k, v in sorted(c.get("rejects_by_reason", {}).items())) or "none"
     return "\n".join([
-        f"dataset    {loader.root} (format v{ix['format_version']}, fingerprint {loader.fingerprint[:12]})",
+        f"dataset    {root} (format v{ix['format_version']}, fingerprint {ds.fingerprint[:12]})",
         f"documents  read {c.get('documents_read', 0):,} = written {c.get('documents_written', 0):,} + "
         f"rejected {c.get('documents_rejected', 0):,} ({rejects})",
         f"sequences  {c['sequences']:,} of {ix['seq_len']} tokens, packing {ix['packing']}, "
@@ -53,21 +68,29 @@ def summary(loader: MLMLoader) -> str:
 
 
 def verify(loader: MLMLoader, out=None) -> list[str]:
-    """Check every shard: size and sha256 of the whole file, then every record (checksum, decoded, counted).
+    """Check every shard of every dataset: size and sha256 of the whole file, then every record (checksum,
+    decoded, counted).
 
     A bad shard does not stop the check: every shard and every record is looked at, and each bad shard is
     printed with its problems. Returns the names of bad shards (empty when all are good)."""
     bad, out = [], out or sys.stdout
-    table, index = loader.table, loader.index
+    for name, ds in zip(loader.source_names, loader.datasets, strict=True):
+        prefix = f"{name}/" if loader.mixture else ""
+        bad += [prefix + shard for shard in _verify(ds, out, prefix)]
+    return bad
+
+
+def _verify(ds, out, prefix: str) -> list[str]:
+    bad, table, index = [], ds.table, ds.index
     for s, entry in enumerate(index["shards"]):
         name, problems, count = entry["name"], [], 0
         try:
-            sha = _shard_sha256(loader.source, entry)
+            sha = _shard_sha256(ds.source, entry)
             if sha != entry["sha256"]:
                 problems.append(f"sha256 {sha[:12]}... but index.json says {entry['sha256'][:12]}...")
             for r in (int(r) for r in (table.shard == s).nonzero()[0]):
                 try:
-                    block, _ = decode_record(read_record(loader.source, index, table, r), index, table, r, 0, 0)
+                    block, _ = decode_record(read_record(ds.source, index, table, r), index, table, r, 0, 0)
                     count += len(block)
                 except fmt.FormatError as e:
                     problems.append(str(e))
@@ -77,11 +100,11 @@ def verify(loader: MLMLoader, out=None) -> list[str]:
             problems.append(str(e))
         if problems:
             more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
-            print(f"BAD  {name}: {'; '.join(problems[:3])}{more}", file=out)
+            print(f"BAD  {prefix}{name}: {'; '.join(problems[:3])}{more}", file=out)
             bad.append(name)
         else:
-            print(f"OK   {name}: {entry['bytes']:,} bytes, {count:,} sequences, sha256 and record checksums ok",
-                  file=out)
+            print(f"OK   {prefix}{name}: {entry['bytes']:,} bytes, {count:,} sequences, sha256 and record "
+                  f"checksums ok", file=out)
     return bad
 
 
@@ -98,16 +121,18 @@ def _shard_sha256(source, entry: dict) -> str:
 
 
 def sequences(loader: MLMLoader, limit: int | None):
-    """(uid, input_ids, labels, length) of each sequence the loader yields, in its order, up to `limit`."""
-    n = 0
+    """(step, source, uid, input_ids, labels, length) of each sequence the loader yields, in order, up to `limit`."""
+    n, step = 0, loader.sequences_consumed // loader.config.batch_size
     for batch in loader:
-        for uid, ids, labels, attn in zip(batch["uids"].tolist(), batch["input_ids"].tolist(),
-                                          batch["labels"].tolist(), batch["attention_mask"].sum(1).tolist(),
-                                          strict=False):
-            yield uid & _U64, ids, labels, attn
+        sources = batch["sources"].tolist() if "sources" in batch else [0] * len(batch["uids"])
+        for src, uid, ids, labels, attn in zip(sources, batch["uids"].tolist(), batch["input_ids"].tolist(),
+                                               batch["labels"].tolist(), batch["attention_mask"].sum(1).tolist(),
+                                               strict=True):
+            yield step, loader.source_names[src], uid & _U64, ids, labels, attn
             n += 1
             if limit is not None and n >= limit:
                 return
+        step += 1
 
 
 def render(ids, labels, length, id_to_token, kind: str, mask_id: int) -> str:
@@ -137,7 +162,7 @@ def _id_to_token(index: dict, path: str | None):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="maskstream inspect", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", help="shard folder or URL prefix holding index.json")
+    p.add_argument("dataset", help="shard folder or URL prefix holding index.json, or a mixture file (.json)")
     p.add_argument("--verify", action="store_true", help="check sha256, size and counts of every shard")
     p.add_argument("--show", type=int, metavar="N", help="print N sequences with their masks marked")
     p.add_argument("--dump-masks", metavar="FILE", help="write uid, input_ids, labels per sequence as JSON lines")
@@ -168,20 +193,23 @@ def main(argv=None) -> int:
         if bad:
             print(f"{len(bad)} bad shard(s): {', '.join(bad)}", file=sys.stderr)
             return 1
-        print(f"all {len(loader.index['shards'])} shards verified")
+        print(f"all {sum(len(ds.index['shards']) for ds in loader.datasets)} shards verified")
     if args.show:
         id_to_token = _id_to_token(loader.index, args.tokenizer)
         kind, mask_id = loader.index["tokenizer"].get("kind", "wordpiece"), loader.vocab.mask_id
         print(f"epoch {args.epoch}, seed {args.seed}: [MASK/w] masked, {{w->x}} random token, <w> kept, predicted")
-        for uid, ids, labels, length in sequences(loader, args.show):
-            print(f"\nuid {uid:016x} ({length} tokens, {sum(y != IGNORE_INDEX for y in labels)} to predict)")
+        for _, source, uid, ids, labels, length in sequences(loader, args.show):
+            origin = f", {source}" if loader.mixture else ""
+            print(f"\nuid {uid:016x} ({length} tokens, {sum(y != IGNORE_INDEX for y in labels)} to predict"
+                  f"{origin})")
             print(render(ids, labels, length, id_to_token, kind, mask_id))
         loader.set_epoch(args.epoch)
     if args.dump_masks:
         n = 0
         with open(args.dump_masks, "w") as f:
-            for uid, ids, labels, _ in sequences(loader, args.limit):
-                f.write(json.dumps({"uid": uid, "input_ids": ids, "labels": labels}, separators=(",", ":")) + "\n")
+            for step, source, uid, ids, labels, _ in sequences(loader, args.limit):
+                line = {"step": step, "source": source, "uid": uid, "input_ids": ids, "labels": labels}
+                f.write(json.dumps(line, separators=(",", ":")) + "\n")
                 n += 1
         print(f"wrote {n} sequences of epoch {args.epoch} (rank {args.rank}/{args.world_size}) to {args.dump_masks}")
     return 0

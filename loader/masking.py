@@ -40,9 +40,16 @@ def _mix_int(x: int) -> int:
     return (x >> 16) ^ x
 
 
-def sequence_keys(uids: Tensor, *, seed: int, epoch: int) -> Tensor:
-    """(B,) int64 in [0, 2**32): the key of each sequence for this (seed, epoch)."""
-    k = _mix_int(_mix_int(_mix_int(seed ^ _GOLDEN) ^ ((seed >> 32) & _M32)) ^ (epoch & _M32))
+def sequence_keys(uids: Tensor, *, seed: int, epoch: int | Tensor) -> Tensor:
+    """(B,) int64 in [0, 2**32): the key of each sequence for this (seed, epoch).
+
+    epoch is one int, or a (B,) tensor of one epoch per sequence (a mixture's sources are on their own passes).
+    """
+    s = _mix_int(_mix_int(seed ^ _GOLDEN) ^ ((seed >> 32) & _M32))
+    if isinstance(epoch, Tensor):  # the same bits as the int path: _mix is _mix_int on tensors
+        k = _mix((epoch.to(device=uids.device, dtype=torch.int64) & _M32) ^ s)
+    else:
+        k = _mix_int(s ^ (epoch & _M32))
     uids = uids.to(torch.int64)
     lo, hi = uids & _M32, (uids >> 32) & _M32  # >> is arithmetic, the mask keeps the bit pattern
     return _mix(_mix(lo ^ k) ^ hi ^ _GOLDEN)

@@ -6,10 +6,14 @@ record's byte offset and sequence count). For an epoch:
 1. the global list of records is permuted by a keyed hash of (seed, epoch, record number);
 2. within each record, sequences are permuted by a keyed hash of (seed, epoch, uid);
 3. concatenated, this is the global epoch stream of N sequences, a pure function of (seed, epoch);
-4. every rank gets nb batches of B: nb = N // (world * B) with remainder "drop" (the N - nb*world*B sequences
-   at the stream's end are dropped, different ones every epoch since the order changes) or ceil with "wrap"
-   (the stream is extended from its start); rank r takes the contiguous slice [r*nb*B, (r+1)*nb*B);
-5. worker w of W yields the rank's batches b with (b - start) % W == w, so torch's DataLoader, which asks its
+4. the stream is cut into P canonical partitions of nb * g sequences each, where G = world * B is the global
+   batch, g = G / P and nb = N // G with remainder "drop" (the N - nb*G sequences at the stream's end are
+   dropped, different ones every epoch since the order changes) or ceil with "wrap" (the stream is extended
+   from its start); global batch b is, partition after partition, positions [q*nb*g + b*g, +g) of each q;
+5. rank r owns the partitions [r*P/W, (r+1)*P/W) and its batch b is their slices of global batch b, so a rank
+   reads only its partitions' records, and every W that divides P gives the same global batches (elastic
+   resume: W*B = W'*B'). P defaults to the world size, which is the plain contiguous split per rank;
+6. worker w of W yields the rank's batches b with (b - start) % W == w, so torch's DataLoader, which asks its
    workers in turn, delivers batches start, start+1, ... whatever W is.
 
 NOTE: this replaces webdataset's shuffle buffer. A buffer's content depends on everything read before, so it
@@ -93,10 +97,12 @@ class RecordTable:
 
 @dataclass(frozen=True)
 class Segment:
-    """Positions [lo, hi) of one record in its epoch order (after the in-record permutation)."""
+    """Positions [lo, hi) of one record in its epoch order (after the in-record permutation of `epoch`)."""
     record: int
     lo: int
     hi: int
+    source: int = 0   # which dataset of a mixture
+    epoch: int = 0    # the epoch (a mixture source's pass) that keys the in-record order and the masks
 
 
 @dataclass(frozen=True)
@@ -107,17 +113,53 @@ class BatchSpec:
 
 
 @dataclass(frozen=True)
-class EpochPlan:
-    """The epoch stream of one (seed, epoch) and its split into equal per-rank batches."""
+class Order:
+    """The stream of one dataset in one epoch: its records in epoch order and where each starts."""
     records: np.ndarray   # (R,) record numbers in epoch order
     starts: list          # stream position of each record in epoch order, plus N at the end
-    batch_size: int
-    world_size: int
-    batches_per_rank: int
+    epoch: int
+    source: int = 0
 
     @property
     def num_sequences(self) -> int:
         return self.starts[-1]
+
+    def segments(self, pos: int, count: int) -> list[Segment]:
+        """The record segments of stream positions [pos, pos + count), modulo N (wrapping)."""
+        n, segments = self.num_sequences, []
+        while count:
+            p = pos % n
+            j = bisect.bisect_right(self.starts, p) - 1
+            lo = p - self.starts[j]
+            hi = min(self.starts[j + 1] - self.starts[j], lo + count)
+            segments.append(Segment(int(self.records[j]), lo, hi, self.source, self.epoch))
+            count -= hi - lo
+            pos += hi - lo
+        return segments
+
+
+def epoch_order(table: RecordTable, *, seed: int, epoch: int, source: int = 0) -> Order:
+    """Stage 1 of the order: the records permuted for (seed, epoch)."""
+    records = record_permutation(len(table.sequences), seed=seed, epoch=epoch)
+    return Order(records, [0] + np.cumsum(table.sequences[records]).tolist(), epoch, source)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The epoch stream of one (seed, epoch), cut into canonical partitions and equal per-rank batches."""
+    order: Order
+    batch_size: int
+    world_size: int
+    batches_per_rank: int
+    partitions: int
+
+    @property
+    def records(self) -> np.ndarray:
+        return self.order.records
+
+    @property
+    def num_sequences(self) -> int:
+        return self.order.num_sequences
 
     @property
     def dropped(self) -> int:
@@ -130,19 +172,32 @@ class EpochPlan:
                                 world_size=self.world_size)[1]
 
     def batch(self, rank: int, b: int) -> BatchSpec:
-        """The segments of batch b of rank r: stream positions [(r*nb + b)*B, +B), modulo N when wrapping."""
-        n, B = self.num_sequences, self.batch_size
-        pos = (rank * self.batches_per_rank + b) * B
-        segments, need = [], B
-        while need:
-            p = pos % n
-            j = bisect.bisect_right(self.starts, p) - 1
-            lo = p - self.starts[j]
-            hi = min(self.starts[j + 1] - self.starts[j], lo + need)
-            segments.append(Segment(int(self.records[j]), lo, hi))
-            need -= hi - lo
-            pos += hi - lo
+        """The segments of batch b of rank r: slice b of each of the rank's partitions, in partition order."""
+        per_rank = self.partitions // self.world_size
+        g = self.batch_size // per_rank  # sequences each partition gives to a global batch
+        segments = []
+        for q in range(rank * per_rank, (rank + 1) * per_rank):
+            segments += self.order.segments((q * self.batches_per_rank + b) * g, g)
         return BatchSpec(b, tuple(segments))
+
+    def specs(self, rank: int, start_batch: int = 0):
+        return split_by_rank(self, rank, start_batch)
+
+
+def check_partitions(partitions: int, *, world_size: int, batch_size: int) -> int:
+    """P, the canonical partitions (0 means the world size): W must divide P and P must divide W * B."""
+    p = partitions or world_size
+    if p < 1 or p % world_size:
+        raise UserError(f"partitions={p} cannot be shared by world_size={world_size} ranks: each rank reads "
+                        f"whole partitions, so the world size must divide the partition count; choose "
+                        f"partitions as a multiple of every world size the run may use (e.g. 8 for 1, 2, 4 "
+                        f"or 8 ranks)")
+    if (world_size * batch_size) % p:
+        raise UserError(f"the global batch world_size x batch_size = {world_size} x {batch_size} = "
+                        f"{world_size * batch_size} is not a multiple of partitions={p}: every partition gives "
+                        f"the same number of sequences to each global batch; choose a batch size that makes "
+                        f"it one, or other partitions")
+    return p
 
 
 def batches_per_rank(n: int, *, batch_size: int, world_size: int, remainder: str,
@@ -166,14 +221,14 @@ def remainder_counts(n: int, nb: int, *, batch_size: int, world_size: int) -> tu
 
 
 def plan_epoch(table: RecordTable, *, seed: int, epoch: int, batch_size: int, world_size: int,
-               remainder: str) -> EpochPlan:
-    """Stages 1 and 2 of the order: permute the records, then size the equal per-rank share."""
+               remainder: str, partitions: int = 0) -> EpochPlan:
+    """Stages 1 and 2 of the order: permute the records, then size the equal partitions and per-rank share."""
     if remainder not in REMAINDERS:
         raise ValueError(f"remainder={remainder!r}; choose one of {REMAINDERS}")
-    records = record_permutation(len(table.sequences), seed=seed, epoch=epoch)
-    starts = [0] + np.cumsum(table.sequences[records]).tolist()
-    nb = batches_per_rank(starts[-1], batch_size=batch_size, world_size=world_size, remainder=remainder)
-    return EpochPlan(records, starts, batch_size, world_size, nb)
+    p = check_partitions(partitions, world_size=world_size, batch_size=batch_size)
+    order = epoch_order(table, seed=seed, epoch=epoch)
+    nb = batches_per_rank(order.num_sequences, batch_size=batch_size, world_size=world_size, remainder=remainder)
+    return EpochPlan(order, batch_size, world_size, nb, p)
 
 
 def split_by_rank(plan: EpochPlan, rank: int, start_batch: int = 0):

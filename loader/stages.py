@@ -2,13 +2,15 @@
 
 Run inside each DataLoader worker, in this order (EpochStream wires them; loader/stream.py drives them):
 
-    plan the epoch (records permuted)  -> split_by_rank -> split_by_worker -> read_records -> decode
+    plan.specs (this rank's batches)  -> split_by_worker -> read_records -> decode
     -> unbatch (in-record permutation) -> batch -> [finish: mask, when mask_on="worker"]
 
-and `finish` runs last, on the training device, for mask_on="device". Tar members are read with tarfile
-from the exact byte range of one record, its checksum compared with index.json's first (format v2), and decoded
-only by loader.format.decode_block (whitelisted .npy members, headers checked before reading, nothing
-unpickled); every record's sequence count is checked against index.json.
+and `finish` runs last, on the training device, for mask_on="device". The plan is an order.EpochPlan (one
+dataset) or a mixture.MixEpoch (several); either yields BatchSpecs whose segments name their dataset (source)
+and epoch, so the stages below serve both. Tar members are read with tarfile from the exact byte range of one
+record, its checksum compared with index.json's first (format v2), and decoded only by
+loader.format.decode_block (whitelisted .npy members, headers checked before reading, nothing unpickled);
+every record's sequence count is checked against index.json.
 
 Batches carry document_ids (B, L) int32 (0 for a row's first document, +1 at each document start inside the
 row, -1 on padding) and position_ids (B, L) int64 (0 at each document start, then counting on; padding continues
@@ -22,25 +24,38 @@ import hashlib
 import io
 import tarfile
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from maskstream.loader import format as fmt
 from maskstream.loader import masking
-from maskstream.loader.order import RecordTable, in_record_permutation, plan_epoch, split_by_rank, split_by_worker
+from maskstream.loader.order import RecordTable, in_record_permutation, split_by_worker
 
 MAX_RECORD_BYTES = 256 << 20  # a record larger than this in index.json is refused before any read
 
 
 # ---- the stages ---------------------------------------------------------------------------------------------
 
-def read_records(specs, source, index: dict, table: RecordTable, *, check: bool = True):
-    """Stage: (spec, {record: tar bytes}) for each batch; a record shared with the previous batch is not re-read."""
-    cache: dict[int, bytes] = {}
+@dataclass(frozen=True)
+class Dataset:
+    """One opened dataset: where its bytes come from, its index.json, fingerprint and record table."""
+    root: str
+    source: object
+    index: dict
+    fingerprint: str
+    table: RecordTable
+
+
+def read_records(specs, datasets, *, check: bool = True):
+    """Stage: (spec, {(source, record): tar bytes}) per batch; a record of the previous batch is not re-read."""
+    cache: dict[tuple, bytes] = {}
     for spec in specs:
-        wanted = {seg.record for seg in spec.segments}
-        cache = {r: cache[r] if r in cache else read_record(source, index, table, r, check=check) for r in wanted}
+        wanted = {(seg.source, seg.record) for seg in spec.segments}
+        cache = {k: cache[k] if k in cache else
+                 read_record(datasets[k[0]].source, datasets[k[0]].index, datasets[k[0]].table, k[1], check=check)
+                 for k in wanted}
         yield spec, cache
 
 
@@ -68,12 +83,14 @@ def read_record(source, index, table, r: int, *, check: bool = True) -> bytes:
     return data
 
 
-def decode(items, index: dict, table: RecordTable, *, seed: int, epoch: int):
-    """Stage: (spec, {record: (Block, in-record order)}): tar members -> checked arrays, decoded once each."""
-    cache: dict[int, tuple] = {}
+def decode(items, datasets, *, seed: int):
+    """Stage: (spec, {(source, epoch, record): (Block, in-record order)}): tar members -> checked arrays."""
+    cache: dict[tuple, tuple] = {}
     for spec, raw in items:
-        cache = {r: cache[r] if r in cache else decode_record(raw[r], index, table, r, seed, epoch)
-                 for r in raw}
+        wanted = {(seg.source, seg.epoch, seg.record) for seg in spec.segments}
+        cache = {k: cache[k] if k in cache else
+                 decode_record(raw[k[0], k[2]], datasets[k[0]].index, datasets[k[0]].table, k[2], seed, k[1])
+                 for k in wanted}
         yield spec, cache
 
 
@@ -119,26 +136,37 @@ def decode_record(data: bytes, index: dict, table: RecordTable, r: int, seed: in
 
 
 def unbatch(items):
-    """Stage: (batch index, Block, rows) pieces, the in-record permuted positions [lo, hi) of each segment."""
+    """Stage: (batch index, Block, rows, segment) pieces, the in-record permuted positions [lo, hi) of each."""
     for spec, blocks in items:
         for seg in spec.segments:
-            block, perm = blocks[seg.record]
-            yield spec.index, block, perm[seg.lo:seg.hi]
+            block, perm = blocks[seg.source, seg.epoch, seg.record]
+            yield spec.index, block, perm[seg.lo:seg.hi], seg
 
 
 def batch(pieces, *, batch_size: int, epoch: int, static_copies: int, documents: bool = True,
-          varlen: bool = False):
+          varlen: bool = False, mixed: bool = False):
     """Stage: pieces -> one dict of CPU tensors per batch (raw tokens, or stored static masks of copy epoch % K),
-    with the document fields (see the module docstring) unless `documents` is False."""
-    parts, current = [], None
-    for index, block, rows in pieces:
+    with the document fields (see the module docstring) unless `documents` is False.
+
+    mixed (a mixture): the batch also carries each row's `epochs` (its source's pass) and `sources`.
+    """
+    parts, segs, current = [], [], None
+    for index, block, rows, seg in pieces:
         if current is not None and index != current:
-            yield _stack(parts, batch_size, epoch, static_copies, documents, varlen)
-            parts = []
+            yield _with_sources(_stack(parts, batch_size, epoch, static_copies, documents, varlen), segs, mixed)
+            parts, segs = [], []
         current = index
         parts.append((block, rows))
+        segs.append((seg, len(rows)))
     if parts:
-        yield _stack(parts, batch_size, epoch, static_copies, documents, varlen)
+        yield _with_sources(_stack(parts, batch_size, epoch, static_copies, documents, varlen), segs, mixed)
+
+
+def _with_sources(out: dict, segs, mixed: bool) -> dict:
+    if mixed:
+        out["epochs"] = torch.tensor([s.epoch for s, n in segs for _ in range(n)], dtype=torch.int64)  # (B,)
+        out["sources"] = torch.tensor([s.source for s, n in segs for _ in range(n)], dtype=torch.int64)  # (B,)
+    return out
 
 
 def document_fields(doc_starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +216,7 @@ def _stack(parts, batch_size: int, epoch: int, static_copies: int, documents: bo
         out["input_ids"], out["labels"] = masking.static_copy(out.pop("tokens"), selected, inputs)
     else:
         out["word_starts"] = torch.from_numpy(cat(lambda b: b.word_starts))  # (B, L) bool
-        if parts[0][0].unit_starts is not None:  # a dataset made with --selection pmi: all its records
+        if all(b.unit_starts is not None for b, _ in parts):  # datasets made with --selection pmi (a mixture: all)
             out["unit_starts"] = torch.from_numpy(cat(lambda b: b.unit_starts))  # (B, L) bool
     return out
 
@@ -223,37 +251,44 @@ def static_copies(index: dict) -> int:
 # ---- the dataset that runs the stages in each worker --------------------------------------------------------
 
 class EpochStream(torch.utils.data.IterableDataset):
-    """The stages for one (epoch, rank, start batch); each DataLoader worker runs its share of the batches."""
+    """The stages for one (plan, rank, start batch); each DataLoader worker runs its share of the batches."""
 
-    def __init__(self, *, source, index: dict, table: RecordTable, config, rank: int, world_size: int,
-                 masking_config, vocab, epoch: int, start_batch: int):
-        self.source, self.index, self.table = source, index, table
-        self.cfg, self.rank, self.world_size = config, rank, world_size
-        self.masking, self.vocab, self.seq_len = masking_config, vocab, index["seq_len"]
+    def __init__(self, *, datasets, plan, config, rank: int, masking_config, vocab, epoch: int,
+                 start_batch: int, mixed: bool = False):
+        self.datasets, self.plan, self.mixed = tuple(datasets), plan, mixed
+        self.cfg, self.rank = config, rank
+        self.masking, self.vocab, self.seq_len = masking_config, vocab, datasets[0].index["seq_len"]
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        cfg, epoch, copies = self.cfg, self.epoch, static_copies(self.index)
-        plan = plan_epoch(self.table, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
-                          world_size=self.world_size, remainder=cfg.remainder)
+        cfg, epoch, copies = self.cfg, self.epoch, static_copies(self.datasets[0].index)
         stages = [
-            lambda _: split_by_rank(plan, self.rank, self.start_batch),
+            lambda _: self.plan.specs(self.rank, self.start_batch),
             lambda s: split_by_worker(s, worker, num_workers, self.start_batch),
-            lambda s: read_records(s, self.source, self.index, self.table, check=cfg.check_records),
-            lambda s: decode(s, self.index, self.table, seed=cfg.seed, epoch=epoch),
+            lambda s: read_records(s, self.datasets, check=cfg.check_records),
+            lambda s: decode(s, self.datasets, seed=cfg.seed),
             unbatch,
             lambda s: batch(s, batch_size=cfg.batch_size, epoch=epoch, static_copies=copies,
-                            documents=cfg.documents, varlen=cfg.varlen),
+                            documents=cfg.documents, varlen=cfg.varlen, mixed=self.mixed),
         ]
         if cfg.mask_on == "worker":
-            stages.append(lambda s: (finish(b, seed=cfg.seed, epoch=epoch, config=self.masking,
-                                            vocab=self.vocab, seq_len=self.seq_len, device="cpu") for b in s))
+            stages.append(lambda s: (finish_rows(b, seed=cfg.seed, epoch=epoch, config=self.masking,
+                                                 vocab=self.vocab, seq_len=self.seq_len, device="cpu") for b in s))
         stream = None
         for stage in stages:
             stream = stage(stream)
         yield from stream
+
+
+def finish_rows(raw: dict, *, epoch: int, device, **kw) -> dict:
+    """finish(), with a mixture batch's per-row epochs keying its masks and its sources passed through."""
+    epochs, sources = raw.pop("epochs", None), raw.pop("sources", None)
+    out = finish(raw, epoch=epoch if epochs is None else epochs, device=device, **kw)
+    if sources is not None:
+        out["sources"] = sources.to(device, non_blocking=True)
+    return out
 
 
 def load_index(source) -> tuple[dict, str]:
@@ -267,6 +302,3 @@ def load_index(source) -> tuple[dict, str]:
                       f"and each sequence counts as one document; rerun `maskstream preprocess` for format "
                       f"v{fmt.FORMAT_VERSION}", fmt.OldFormatWarning, stacklevel=3)
     return index, hashlib.sha256(data).hexdigest()
-
-
-

@@ -2,7 +2,7 @@
 
 The public API is imported lazily, so `import maskstream` alone loads neither torch nor Apache Beam:
 
-    from maskstream import MLMLoader, LoaderConfig, MaskingConfig
+    from maskstream import MLMLoader, LoaderConfig, MaskingConfig, Mixture, MixSource
     maskstream.preprocess(inputs, tokenizer, output, seq_len=128, ...)   # the CLI's flags in snake_case
     maskstream.train_tokenizer(inputs, output, vocab_size=8000, ...)
 
@@ -20,6 +20,8 @@ _EXPORTS = {
     "MLMLoader": "maskstream.loader.stream",
     "LoaderConfig": "maskstream.loader.stream",
     "MaskingConfig": "maskstream.loader.maskconfig",
+    "Mixture": "maskstream.loader.mixture",
+    "MixSource": "maskstream.loader.mixture",
     "preprocess": "maskstream.api",
     "train_tokenizer": "maskstream.api",
 }

@@ -169,10 +169,15 @@ class Checkpointer:
         """(path, contents) of the newest intact checkpoint, on this rank's device; None if there is none."""
         return load_latest(self.out, map_location=self.device)
 
-    def restore(self, ckpt: dict, path: Path | None = None) -> None:
-        """Load every part and this rank's RNG state from a checkpoint's contents."""
+    def restore(self, ckpt: dict, path: Path | None = None, *, reseed: int | None = None) -> None:
+        """Load every part and this rank's RNG state from a checkpoint's contents.
+
+        A checkpoint of another world size loads only with `reseed` (the parts decide whether they fit: the
+        loader's state checks its global batch), and this rank's RNG is then seeded with it.
+        """
         where = f"{path}" if path else "the checkpoint"
-        if len(ckpt["rng"]) != self.world:
+        moved = len(ckpt["rng"]) != self.world
+        if moved and reseed is None:
             raise ValueError(f"{where} was written by {len(ckpt['rng'])} ranks, this run has {self.world}; "
                              "resume with the same number of processes")
         missing = set(self.parts) - set(ckpt)
@@ -183,6 +188,9 @@ class Checkpointer:
                 part.load_state_dict(ckpt[name])
             else:
                 part.update(ckpt[name])
+        if moved:
+            torch.manual_seed(reseed)
+            return
         rng = ckpt["rng"][self.rank]
         torch.set_rng_state(rng["torch"].cpu())
         if "cuda" in rng:

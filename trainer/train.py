@@ -69,6 +69,8 @@ class TrainConfig:
     save_every: int = 0            # 0 = save once, at the end
     keep_checkpoints: int = 2
     num_workers: int = 0
+    loader_partitions: int = 0     # canonical partitions of the data (0: the world size); resume on any number of
+                                   # processes dividing it, with processes x batch size unchanged
     dropout: float = -1.0          # -1 = the preset's
     compile: bool = False
     resume: str = ""               # "" new run | "latest" (refused without a checkpoint) | "auto" (fresh without one)
@@ -106,7 +108,8 @@ class TrainConfig:
 
 def parse_args(argv: list[str]) -> TrainConfig:
     p = argparse.ArgumentParser(prog="maskstream train", description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help="shard folder or URL prefix holding index.json")
+    p.add_argument("--data", required=True, help="shard folder or URL prefix holding index.json, or a mixture "
+                   "file (.json: sources with weights, see the README)")
     p.add_argument("--out", required=True, help="run folder: config, metrics, plot, checkpoints")
     p.add_argument("--model-size", default="tiny", choices=list(PRESETS))
     p.add_argument("--hf-config", default=None, metavar="CONFIG.json",
@@ -135,6 +138,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
     p.add_argument("--eval-batches", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--loader-partitions", type=int, default=0, metavar="P", help="canonical partitions of the "
+                   "data stream (default: the number of processes); a run can --resume on any number of "
+                   "processes dividing P, with processes x --batch-size unchanged")
     p.add_argument("--dropout", type=float, default=-1.0)
     p.add_argument("--on-nonfinite", default="stop", choices=ON_NONFINITE, help="a NaN/inf loss or gradient "
                    "norm stops the run (default), or skip drops that update and counts it (skipped_steps)")
@@ -248,7 +254,7 @@ def build(cfg: TrainConfig) -> Run:
     rank, world, device = init_distributed(cfg.device)
     check_out(cfg, rank)
     loader = MLMLoader(cfg.data, LoaderConfig(batch_size=cfg.batch_size, seed=cfg.seed,
-                                              num_workers=cfg.num_workers),
+                                              num_workers=cfg.num_workers, partitions=cfg.loader_partitions),
                        rank=rank, world_size=world, device=str(device))
     check_masking(cfg, loader.index)
     torch.manual_seed(cfg.seed)  # the initial weights: the same on every rank
@@ -290,7 +296,7 @@ def build(cfg: TrainConfig) -> Run:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         run_folder.write_config(out, run_config(run))
-        run_folder.copy_tokenizer(out, data=cfg.data, index=loader.index, given=cfg.tokenizer)
+        run_folder.copy_tokenizer(out, data=loader.datasets[0].root, index=loader.index, given=cfg.tokenizer)
         run_folder.truncate_metrics(out, run.step)
     return run
 
@@ -339,7 +345,16 @@ def resume(run: Run) -> None:
     if saved["model"] != run.raw_model.config.to_dict():
         raise UserError(f"{path} holds a {model_flag(saved['train'])} model with a different shape than "
                         f"{model_flag(run.cfg.to_dict())}; resume with the run's own flags")
-    run.checkpointer.restore(ckpt, path)
+    moved = len(ckpt["rng"]) != run.world
+    if moved and run.rank == 0:
+        print(f"note: resuming a {len(ckpt['rng'])}-process checkpoint on {run.world} processes: the data goes "
+              "on with the same global batches; dropout streams start afresh on each rank", file=sys.stderr)
+    try:
+        # NOTE: on another world size each rank's dropout stream is seeded from (seed, rank, step) instead
+        reseed = ((run.cfg.seed * 1000 + run.rank) * 1_000_003 + ckpt["step"]) % 2**63 if moved else None
+        run.checkpointer.restore(ckpt, path, reseed=reseed)
+    except ValueError as e:  # a data position this world size or batch size cannot continue
+        raise UserError(f"--resume from {path}: {e}") from None
 
 
 # ---- train -----------------------------------------------------------------------------------------------

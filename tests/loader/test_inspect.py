@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from helpers import TOKENIZER
+from helpers import TOKENIZER, build_dataset
 
 from maskstream.loader.inspector import main
 
@@ -50,9 +50,27 @@ def test_dump_masks_is_identical_for_any_worker_count_and_batch_size(uneven, tmp
     assert main([str(uneven), "--dump-masks", str(b), "--epoch", "2", "--num-workers", "2"]) == 0
     assert a.read_text() == b.read_text()
     lines = [json.loads(x) for x in a.read_text().splitlines()]
-    assert len(lines) == 487 and set(lines[0]) == {"uid", "input_ids", "labels"} and lines[0]["uid"] >= 0
+    assert len(lines) == 487 and set(lines[0]) == {"step", "source", "uid", "input_ids", "labels"}
+    assert lines[0]["uid"] >= 0 and lines[-1]["step"] == 486 and lines[0]["source"] == str(uneven)
     assert main([str(uneven), "--dump-masks", str(c), "--epoch", "2", "--batch-size", "16", "--num-workers", "2",
                  "--rank", "1", "--world-size", "2", "--limit", "50"]) == 0
-    by_uid = {x["uid"]: x for x in lines}
+    masks = lambda x: (x["input_ids"], x["labels"])  # noqa: E731 (the step depends on the batch size)
+    by_uid = {x["uid"]: masks(x) for x in lines}
     others = [json.loads(x) for x in c.read_text().splitlines()]
-    assert len(others) == 50 and all(by_uid[x["uid"]] == x for x in others)
+    assert len(others) == 50 and all(by_uid[x["uid"]] == masks(x) for x in others)
+    assert [x["step"] for x in others[::16]] == [0, 1, 2, 3]
+
+
+def test_a_mixture_file_is_summarized_and_its_dumped_masks_carry_step_and_source(uneven, tmp_path, capsys):
+    build_dataset(tmp_path / "small", [[20, 20]])  # named by a path relative to the mixture file
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({"sources": [{"path": str(uneven), "weight": 3, "name": "big"},
+                                           {"path": "small", "weight": 1}]}))
+    assert main([str(mix)]) == 0
+    out = capsys.readouterr().out
+    assert "2 sources" in out and "source     big: share 0.7500" in out and "source     small: share 0.2500" in out
+    dump = tmp_path / "m.jsonl"
+    assert main([str(mix), "--dump-masks", str(dump), "--batch-size", "8", "--limit", "40"]) == 0
+    lines = [json.loads(x) for x in dump.read_text().splitlines()]
+    assert [x["step"] for x in lines[::8]] == [0, 1, 2, 3, 4]
+    assert [x["source"] for x in lines[:8]] == ["big"] * 6 + ["small"] * 2, "6 of 8 from big, then 2 from small"

@@ -77,10 +77,13 @@ def test_state_rolls_over_to_the_next_epoch_after_the_last_batch(uneven):
 
 def test_a_state_that_does_not_fit_is_refused(uneven, tmp_path):
     state = MLMLoader(uneven, LoaderConfig(batch_size=16)).state_dict()
-    with pytest.raises(ValueError, match="batch_size=16 in the checkpoint but 8 here"):
+    with pytest.raises(ValueError, match="global batch is world_size x batch_size = 1 x 16 = 16 in the "
+                                         "checkpoint but 1 x 8 = 8 here"):
         MLMLoader(uneven, LoaderConfig(batch_size=8)).load_state_dict(state)
-    with pytest.raises(ValueError, match="world_size=1 in the checkpoint but 2 here"):
+    with pytest.raises(ValueError, match="1 x 16 = 16 in the checkpoint but 2 x 16 = 32 here"):
         MLMLoader(uneven, LoaderConfig(batch_size=16), rank=1, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="its 1 canonical partitions cannot be shared by 2 ranks"):
+        MLMLoader(uneven, LoaderConfig(batch_size=8), rank=1, world_size=2).load_state_dict(state)
     other = build_dataset(tmp_path / "other", [[64, 64]])
     with pytest.raises(ValueError, match="dataset="):
         MLMLoader(other, LoaderConfig(batch_size=16)).load_state_dict(state)

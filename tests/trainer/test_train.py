@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from maskstream.errors import UserError
 from maskstream.trainer import checkpoint, evaluate, run_folder
 from maskstream.trainer.train import build, close, main, parse_args, train
 
@@ -168,3 +169,39 @@ def test_resume_refuses_a_folder_whose_every_checkpoint_is_damaged(sotu_split, t
     (out / "ckpt-0000004.pt").write_bytes(b"half a checkpoint")
     with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
         main(flags(train_dir, out, "--max-steps", "8", "--resume"))
+
+
+@pytest.mark.slow
+def test_train_takes_a_mixture_file_as_data(sotu_split, tmp_path):
+    train_dir, held_out = sotu_split
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({"sources": [{"path": str(train_dir), "weight": 0.75, "name": "train"},
+                                           {"path": str(held_out), "weight": 0.25, "name": "held"}]}))
+    out = tmp_path / "run"
+    assert main(flags(mix, out, "--max-steps", "3")) == 0
+    assert len([r for r in metrics(out) if "loss" in r]) == 3
+    assert (out / "tokenizer.json").is_file(), "copied from the first source"
+    ckpt = checkpoint.load(checkpoint.latest(out))
+    assert ckpt["loader"]["sequences_consumed"] == 24 and ckpt["loader"]["partitions"] == 1
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumes_on_one_process_with_the_same_global_batch(sotu_split, tmp_path, capsys):
+    train_dir, _ = sotu_split
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = ("--max-steps", "4", "--save-every", "2", "--loader-partitions", "2", "--device", "cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "trainer", *flags(train_dir, out, *common, "--batch-size", "4")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint.latest(out).unlink()  # as if the 2-process job had stopped after step 2
+    with pytest.raises(UserError, match="--resume from .*ckpt-0000002.pt: loader state does not fit: the global "
+                                        "batch is world_size x batch_size = 2 x 4 = 8 in the checkpoint but 1 x 4"):
+        main(flags(train_dir, out, *common, "--batch-size", "4", "--resume"))
+    assert main(flags(train_dir, out, *common, "--batch-size", "8", "--resume")) == 0
+    assert "resuming a 2-process checkpoint on 1 processes" in capsys.readouterr().err
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
+    ckpt = checkpoint.load(checkpoint.latest(out))
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 1
+    assert ckpt["loader"]["sequences_consumed"] == 4 * 8 and ckpt["loader"]["partitions"] == 2
