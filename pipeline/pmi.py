@@ -108,6 +108,16 @@ def count_positions(tokdocs, max_n: int) -> dict[int, int]:
     return {n: sum(max(0, m - n + 1) for m in lengths) for n in range(1, max_n + 1)}
 
 
+def member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """values in sorted_set, as a bool array.
+
+    NOTE: a binary search: np.isin re-sorts (or re-hashes) the set on every call, 5x the time of the whole
+    word pass here."""
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool)
+    return sorted_set[np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)] == values
+
+
 def ngrams_of(tokdocs, wanted: np.ndarray, max_n: int) -> dict[int, tuple]:
     """{hash: n-gram as a tuple of words} for the wanted hashes (sorted uint64) found in TokDocs."""
     found = {}
@@ -115,7 +125,7 @@ def ngrams_of(tokdocs, wanted: np.ndarray, max_n: int) -> dict[int, tuple]:
         words, hashes = None, word_hashes(d.ids, d.word_starts)
         for n in range(1, min(max_n, len(hashes)) + 1):
             h = ngram_hashes(hashes, n)
-            hits = np.flatnonzero(np.isin(h, wanted))
+            hits = np.flatnonzero(member(h, wanted))
             firsts, at = np.unique(h[hits], return_index=True)   # each hash once per document
             for key, i in zip(firsts.tolist(), hits[at].tolist(), strict=True):
                 if key not in found:
@@ -217,7 +227,7 @@ class Matcher:
         longest = np.zeros(len(words), dtype=np.int64)   # the longest vocabulary n-gram starting at each word
         for n in sorted(self.hashes):
             if n <= len(words):
-                hit = np.flatnonzero(np.isin(ngram_hashes(words, n), self.hashes[n]))
+                hit = np.flatnonzero(member(ngram_hashes(words, n), self.hashes[n]))
                 longest[hit] = n
         units = np.ones(len(words), dtype=np.int64)
         end = 0
