@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The torch pin (`torch==X.Y.Z`), read from pyproject.toml: the one place pins live.
 TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
 
-.PHONY: install bytecode demo lint test test-fast bench bench-env clean
+.PHONY: install bytecode demo lint test test-fast bench bench-env clean gpu-prep
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	test -n "$(TORCH_PIN)" || { echo "no torch== pin found in pyproject.toml" >&2; exit 2; }
 	$(BIN)/pip install -q '$(TORCH_PIN)'
-	$(BIN)/pip install -q -e '.[test,dataflow,remote,hf]'
+	$(BIN)/pip install -q -e '.[test,dataflow,remote,hf,dask]'
 	touch $(STAMP)
 
 # NOTE: the project is installed editable, so pip compiles none of its own modules; compiled here, every
@@ -48,6 +48,23 @@ bench-env: $(VENV)/.bench
 
 bench: bench-env bytecode
 	$(BIN)/maskstream bench
+
+# The GPU proof, prepared on this machine: gpu-bundle/ (ignored, < 60 MB) holds a dataset made by the Beam job and
+# the wheels the GPU machine lacks (its python3.12 has torch, numpy, tokenizers, pyarrow, transformers)
+# with the project's own wheel. Carry gpu-bundle/ there and run `bash bench/gpu_check.sh`; here, `--dry` checks it.
+GPU_BUNDLE := gpu-bundle
+GPU_WHEELS := webdataset==1.0.2 braceexpand pytest pluggy iniconfig pygments pytest-timeout
+# compiled wheels the GPU machine lacks: xxhash checks every record (format v2); built for its CPython 3.12 on x86_64
+GPU_BINARY_WHEELS := xxhash==4.1.0
+gpu-prep: install
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/wheels
+	$(BIN)/pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d $(GPU_BUNDLE)/wheels $(GPU_WHEELS)
+	$(BIN)/pip download -q --no-deps --python-version 3.12 --only-binary=:all: --implementation cp --abi cp312 \
+	    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_BUNDLE)/wheels $(GPU_BINARY_WHEELS)
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(GPU_BUNDLE)/wheels .
+	$(BIN)/maskstream preprocess --input data/sotu.jsonl.gz --tokenizer data/tokenizers/bert-base-uncased.json \
+	    --output $(GPU_BUNDLE)/data --seq-len 512 --num-shards 8 --quiet
+	du -sh $(GPU_BUNDLE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,7 +1,8 @@
 """Pipeline benchmark: the Beam job end to end against raw tokenizer passes over the same text, same run.
 
 For each corpus (the bundled SOTU corpus, SOTU x4 to show the rate once Beam's fixed start-up cost is spread,
-and every --corpus): text MB/s of
+the bundled Chinese sample repeated with distinct ids up to 40 MB (non-ASCII text at scale), and every --corpus):
+text MB/s of
   - `maskstream preprocess` end to end (a fresh process: interpreter, imports, all stages, index.json),
   - one `Tokenizer.encode_batch_fast` call over all documents (Rust threads on every core)   <- the anchor,
   - the job's own tokenizing, pipeline.encoder.Encoder (same ids; ASCII documents skip the normalizer and
@@ -16,6 +17,7 @@ machine single runs of either side were seen to vary by +-20 %.
 from __future__ import annotations
 
 import gzip
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -31,12 +33,25 @@ from maskstream.bench.common import Row, cpu_count
 
 ROOT = Path(__file__).resolve().parents[1]
 SOTU = ROOT / "data" / "sotu.jsonl.gz"
+ZH = ROOT / "data" / "debian-reference-zh.jsonl.gz"
 TOKENIZER = ROOT / "data" / "tokenizers" / "bert-base-uncased.json"
+TARGETS = {"sotu x4": ">= 1.2x", "zh 40 MB": ">= 1.0x"}    # the job vs the anchor, at scale (issue 13)
 
 
 def tokenizer_file(workdir: Path) -> Path:
     """The bundled BERT WordPiece tokenizer."""
     return TOKENIZER
+
+
+def repeated(src: Path, dst: Path, mb: float) -> Path:
+    """src's JSON-lines records repeated, each copy with its own id, until the texts hold at least mb MB."""
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    size = sum(len(r["text"].encode()) for r in records)
+    copies = -(-int(mb * 1e6) // size)
+    lines = (json.dumps({**r, "id": f"{r['id']}#{k}"}, ensure_ascii=False) for k in range(copies) for r in records)
+    dst.write_bytes(gzip.compress("\n".join(lines).encode() + b"\n", compresslevel=1))
+    return dst
 
 
 def read_texts(path: str) -> list[str]:
@@ -168,6 +183,7 @@ def run(args) -> list[Row]:
             data = f.read()
         x4.write_bytes(gzip.compress(data * 4, compresslevel=1))
         corpora.append(("sotu x4", str(x4)))
+        corpora.append(("zh 40 MB", str(repeated(ZH, workdir / "zh-40mb.jsonl.gz", 40.0))))
     corpora += [(Path(c).name, c) for c in args.corpus or []]
     rows = []
     for name, corpus in corpora:
@@ -192,7 +208,7 @@ def run(args) -> list[Row]:
               f"{bpt:.3f} bytes/token; peak RSS {rss:.0f} MB", flush=True)
         rows += [
             Row(area="pipeline", name=f"job end to end, {name}", value=mb / seconds, unit="MB/s",
-                anchor="encode_batch_fast", anchor_value=fast, target=">= 0.8x"),
+                anchor="encode_batch_fast", anchor_value=fast, target=TARGETS.get(name, ">= 0.8x")),
             Row(area="pipeline", name=f"job's Encoder, {name}", value=enc, unit="MB/s",
                 anchor="encode_batch_fast", anchor_value=fast),
             Row(area="pipeline", name=f"Pool({cpu_count()}) encode_batch, {name}", value=pool, unit="MB/s",

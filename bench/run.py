@@ -10,6 +10,7 @@ from maskstream.bench.common import table
 # Each module has run(args) -> list[Row]; they are run in this order.
 SUITES = {
     "pipeline": "maskstream.bench.bench_pipeline",
+    "dedup": "maskstream.bench.bench_dedup",
     "loader": "maskstream.bench.bench_loader",
     "scale": "maskstream.bench.bench_mix",
     "trainer": "maskstream.bench.bench_trainer",

@@ -146,30 +146,31 @@ def _unit_starts(eligible: Tensor, word_starts: Tensor, keys: Tensor, config: Ma
 
 
 def select(tokens: Tensor, word_starts: Tensor, lengths: Tensor, keys: Tensor, *,
-           config: MaskingConfig, vocab: Vocab) -> Tensor:
+           config: MaskingConfig, vocab: Vocab, rate: float | None = None) -> Tensor:
     """(B, L) bool: the positions chosen for prediction.
 
     Units (tokens, whole words or spans) are chosen whole. Exact count takes units in keyed random order until
     round(p * n) tokens are covered (a unit that would overshoot is taken only if at least half of it fits);
-    Bernoulli takes each unit with probability p.
+    Bernoulli takes each unit with probability p. p is `rate` when given (a schedule's), else config.mask_prob.
     """
     B, L = tokens.shape
+    p = config.mask_prob if rate is None else check_rate(rate)
     eligible = _eligible(tokens, lengths, vocab)
     bits = keyed_bits(keys, L, stream=0) >> 8  # (B, L) 24 random bits
     starts = eligible if config.selection == "token" else _unit_starts(eligible, word_starts, keys, config)
 
     if config.count == "bernoulli":
-        chosen = starts & (bits < _threshold(config.mask_prob))
+        chosen = starts & (bits < _threshold(p))
         return chosen if config.selection == "token" else _spread(chosen, starts, eligible)
 
     n = eligible.sum(dim=1)  # (B,)
-    target = torch.floor(n.to(torch.float64) * config.mask_prob + 0.5).to(torch.int64)
+    target = torch.floor(n.to(torch.float64) * p + 0.5).to(torch.int64)
     target = torch.where(n > 0, target.clamp(min=1), target)
     # unique integer scores (random bits, then position): no ties, no float compare across devices
     pos = torch.arange(L, device=tokens.device, dtype=torch.int64)
     score = (bits * L + pos).masked_fill_(~starts, 1 << 62)
     # NOTE: every unit has >= 1 token, so no unit past rank max(target) + 1 can be taken: top-k, not a sort
-    k = min(L, max(1, int(L * config.mask_prob + 0.5)) + 1)
+    k = min(L, max(1, int(L * p + 0.5)) + 1)
     best, order = torch.topk(score, k, dim=1, largest=False, sorted=False)  # (B, k)
     best, perm = torch.sort(best, dim=1)  # sorting k values afterwards is cheaper than a sorted top-k
     order = order.gather(1, perm)
@@ -184,6 +185,13 @@ def select(tokens: Tensor, word_starts: Tensor, lengths: Tensor, keys: Tensor, *
     take[:, 0] |= target > 0  # the first unit is always taken, so no sequence goes without a prediction
     chosen = torch.zeros_like(starts).scatter_(1, order, take)
     return eligible & chosen.gather(1, start_of)
+
+
+def check_rate(rate: float) -> float:
+    """A mask rate handed in at run time (a schedule's) must be a probability the rule can use."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"mask rate {rate} must be in (0, 1)")
+    return float(rate)
 
 
 def _spread(chosen_starts: Tensor, starts: Tensor, eligible: Tensor) -> Tensor:
@@ -201,17 +209,18 @@ def _start_of(starts: Tensor) -> Tensor:
 # ---- the whole rule ----------------------------------------------------------------------------------------
 
 def mask_batch(tokens: Tensor, word_starts: Tensor, lengths: Tensor, uids: Tensor, *, seed: int, epoch: int,
-               config: MaskingConfig, vocab: Vocab) -> tuple[Tensor, Tensor]:
+               config: MaskingConfig, vocab: Vocab, rate: float | None = None) -> tuple[Tensor, Tensor]:
     """Mask a batch for one epoch: (input_ids, labels), both (B, L) int64 on the batch's device.
 
     tokens (B, L) any int dtype; word_starts (B, L) bool (with selection "pmi": the stored unit starts);
     lengths (B,); uids (B,) int64 (uint64 bit pattern).
+    rate: the fraction to mask (a schedule's value at this step); None = config.mask_prob, bit for bit.
     """
     tokens = tokens.to(torch.int64)
     device = tokens.device
     keys = sequence_keys(uids.to(device), seed=seed, epoch=epoch)
     word_starts, lengths = word_starts.to(device=device, dtype=torch.bool), lengths.to(device)
-    selected = select(tokens, word_starts, lengths, keys, config=config, vocab=vocab)
+    selected = select(tokens, word_starts, lengths, keys, config=config, vocab=vocab, rate=rate)
     labels = tokens.masked_fill(~selected, IGNORE_INDEX)
     unit_of = None
     if config.selection == "pmi":  # 80/10/10 per unit: a unit's tokens share the action drawn at its start

@@ -221,15 +221,16 @@ def _stack(parts, batch_size: int, epoch: int, static_copies: int, documents: bo
     return out
 
 
-def finish(raw: dict, *, seed: int, epoch: int, config, vocab, seq_len: int, device) -> dict:
-    """The last stage, on the device that trains: mask (dynamic mode) and build the model's batch."""
+def finish(raw: dict, *, seed: int, epoch: int, config, vocab, seq_len: int, device, rate=None) -> dict:
+    """The last stage, on the device that trains: mask (dynamic mode, at `rate` when a schedule gives one) and
+    build the model's batch."""
     raw = {k: to_device(v, device) for k, v in raw.items()}
     if "input_ids" in raw:
         input_ids, labels = raw["input_ids"], raw["labels"]
     else:
         starts = raw["unit_starts"] if config.selection == "pmi" else raw["word_starts"]
         input_ids, labels = masking.mask_batch(raw["tokens"], starts, raw["lengths"], raw["uids"],
-                                               seed=seed, epoch=epoch, config=config, vocab=vocab)
+                                               seed=seed, epoch=epoch, config=config, vocab=vocab, rate=rate)
     return {"input_ids": input_ids, "labels": labels, "uids": raw["uids"],
             "attention_mask": masking.attention_mask(raw["lengths"], seq_len),
             **{k: raw[k] for k in DOCUMENT_KEYS if k in raw}}

@@ -124,6 +124,7 @@ class MLMLoader:
         self.partitions = check_partitions(config.partitions, world_size=world_size, batch_size=config.batch_size)
         self._plan_stream()
         self.epoch, self.sequences_consumed = 0, 0
+        self.mask_rate: float | None = None  # set_mask_rate: a schedule's rate for the next batches
         self.stats: dict[int, dict] = {}  # epoch -> sequences, batches per rank, dropped, wrapped [, sources]
 
     def _plan_stream(self) -> None:
@@ -163,6 +164,17 @@ class MLMLoader:
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` from its first batch at the next iter()."""
         self.epoch, self.sequences_consumed = int(epoch), 0
+
+    def set_mask_rate(self, rate: float | None) -> None:
+        """Mask the batches handed out from now on at `rate` (None: the masking config's mask_prob).
+
+        The rate is read when a batch is masked on the device, so a trainer sets it before taking each batch.
+        """
+        if rate is not None and (self.static_copies or self.config.mask_on != "device"):
+            what = "holds stored static masks" if self.static_copies else "masks in the workers (mask_on=worker)"
+            raise UserError(f"a mask-rate schedule needs masks made on the device, but {self.root} {what}; "
+                            "preprocess with --masking dynamic and keep mask_on=device, or drop --mask-schedule")
+        self.mask_rate = None if rate is None else masking_rule.check_rate(rate)
 
     def _epoch_plan(self, epoch: int, start: int):
         cfg = self.config
@@ -208,7 +220,7 @@ class MLMLoader:
                 out = {k: to_device(v, self.device) for k, v in raw.items()}
             else:
                 out = finish_rows(raw, seed=cfg.seed, epoch=epoch, config=self.masking, vocab=self.vocab,
-                                  seq_len=self.seq_len, device=self.device)
+                                  seq_len=self.seq_len, device=self.device, rate=self.mask_rate)
             self.sequences_consumed += cfg.batch_size
             if self.sequences_consumed >= self.batches_per_epoch * cfg.batch_size:
                 self.epoch, self.sequences_consumed = epoch + 1, 0

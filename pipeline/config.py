@@ -11,6 +11,8 @@ import hashlib
 import json
 
 from maskstream.errors import UserError
+from maskstream.pipeline.dedup import DedupConfig
+from maskstream.pipeline.filters import FilterConfig, parse_filters
 
 TEXT_MODES = ("line", "paragraph")     # text files: a document per line, or per blank-line separated block
 PACKINGS = ("full", "doc")             # see pipeline/packing.py PACKERS
@@ -107,13 +109,16 @@ class PipelineConfig:
     pack: PackConfig
     shard: ShardConfig
     masking: object          # a MaskingConfig of loader.maskconfig (torch-free), so workers skip torch in dynamic mode
+    filters: FilterConfig = FilterConfig()      # quality rules (none by default)
+    dedup: DedupConfig = DedupConfig()          # duplicate removal (none by default)
     pmi: object = None       # a pipeline.pmi.PmiConfig with selection pmi, else None
 
     def to_dict(self) -> dict:
         # NOTE: "pmi" only when set, so the data hash (and every uid) of other datasets stays as it was
         return {"source": dataclasses.asdict(self.source), "tokenize": dataclasses.asdict(self.tokenize),
                 "pack": dataclasses.asdict(self.pack), "shard": dataclasses.asdict(self.shard),
-                "masking": self.masking.to_dict(), **({"pmi": dataclasses.asdict(self.pmi)} if self.pmi else {})}
+                "masking": self.masking.to_dict(), "filters": self.filters.to_dict(),
+                "dedup": dataclasses.asdict(self.dedup), **({"pmi": dataclasses.asdict(self.pmi)} if self.pmi else {})}
 
     def data_hash(self) -> bytes:
         return data_hash(self.to_dict())
@@ -127,6 +132,11 @@ def data_hash(config: dict) -> bytes:
     # NOTE: the limit on hostile records decides only which lines are too_long rejects (counted, in rejects.jsonl);
     # it changes no byte of a sequence written, so it does not key the uids (and kept datasets keep their bytes)
     d["source"].pop("max_record_bytes", None)
+    # NOTE: curation switched off keys nothing, so the uids (and bytes) of a job without it stay as they were
+    if not d.get("filters"):
+        d.pop("filters", None)
+    if d.get("dedup", {}).get("mode", "none") == "none":
+        d.pop("dedup", None)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.blake2b(blob, digest_size=16).digest()
 
@@ -149,4 +159,6 @@ def config_from_args(args) -> PipelineConfig:
         pack=PackConfig(seq_len=args.seq_len, packing=args.packing),
         shard=ShardConfig(output=args.output, num_shards=args.num_shards, block_bytes=args.block_bytes,
                           masking=args.masking, static_copies=args.static_copies, seed=args.seed),
-        masking=masking, pmi=pmi)
+        masking=masking, filters=parse_filters(args.filters),
+        dedup=DedupConfig(mode=args.dedup, ngram=args.minhash_ngram, bands=args.minhash_bands,
+                          rows=args.minhash_rows, threshold=args.minhash_threshold), pmi=pmi)

@@ -18,11 +18,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 PER_CHAR_ON_ASCII = {"BertNormalizer", "NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents"}
+# NOTE: NFC/NFKC compose a character with the next one, so on other text only these act one char at a time
+PER_CHAR = PER_CHAR_ON_ASCII - {"NFC", "NFKC"}
 
 
 def word_start_table(tok) -> np.ndarray | None:
@@ -38,12 +42,12 @@ def word_start_table(tok) -> np.ndarray | None:
     return table
 
 
-def _per_char_on_ascii(spec: dict | None) -> bool:
+def _per_char(spec: dict | None, kinds: set[str]) -> bool:
     if spec is None:
         return True
     if spec.get("type") == "Sequence":
-        return all(_per_char_on_ascii(s) for s in spec.get("normalizers", []))
-    return spec.get("type") in PER_CHAR_ON_ASCII
+        return all(_per_char(s, kinds) for s in spec.get("normalizers", []))
+    return spec.get("type") in kinds
 
 
 def _probe() -> str:
@@ -100,7 +104,7 @@ class AsciiPath:
     def build(cls, tok) -> "AsciiPath | None":
         from tokenizers import Tokenizer, pre_tokenizers
         spec = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else None
-        tables = _normalizer_table(tok) if _per_char_on_ascii(spec) else None
+        tables = _normalizer_table(tok) if _per_char(spec, PER_CHAR_ON_ASCII) else None
         if tables is None:
             return None
         # NOTE: plain shares tok's model (no copy). It has no added tokens: it only sees texts without their text
@@ -148,6 +152,7 @@ class Encoder:
         self.tok = tok
         self.table = word_start_table(tok)
         self.ascii = AsciiPath.build(tok) if ascii_path else None
+        self.unicode = UnicodePath.build(tok, self.ascii) if self.ascii is not None else None
         self.side = ThreadPoolExecutor(1, thread_name_prefix="encode-full")   # its thread starts on first use
 
     def encode(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -155,7 +160,7 @@ class Encoder:
             return self._encode(self.tok, texts)
         fast, full = [], []                     # (index, text) for each path
         for i, t in enumerate(texts):
-            norm = self.ascii.take(t)
+            norm = self.take(t)
             (full if norm is None else fast).append((i, t if norm is None else norm))
         out: list = [None] * len(texts)
 
@@ -171,6 +176,12 @@ class Encoder:
         else:
             side.result()
         return out
+
+    def take(self, text: str) -> str | None:
+        """What the stripped-down tokenizer must encode for text, or None: the full tokenizer encodes it."""
+        if text.isascii() or self.unicode is None:
+            return self.ascii.take(text)
+        return self.unicode.take(text)
 
     def _encode(self, tok, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         if not texts:
@@ -188,3 +199,104 @@ def word_starts_from_ids(word_ids: list) -> np.ndarray:
     starts = np.ones(len(w), dtype=bool)
     starts[1:] = w[1:] != w[:-1]
     return starts
+
+
+class UnicodePath:
+    """The ASCII path's idea for any text, BertPreTokenizer only: each character's normalized form, with a space
+    either side of each isolated character, is read off the tokenizer the first time the character is met and
+    kept in a codepoint table; numpy assembles a document from it (UTF-32 in, UTF-32 out). A character is taken
+    only when a probe of it in context gives the tokenizer's own normalized text and words; the others (and
+    every document holding one) take the full path. CJK text gains most: BertNormalizer spaces each CJK
+    character, which the tokenizer does with per-character alignment bookkeeping."""
+
+    WIDTH = 6                                   # longest form kept; a longer one sends its documents the full way
+    PAD = 0xFFFFFFFF                            # not a codepoint: fills each form up to the table's width
+
+    def __init__(self, tok, ascii_path: AsciiPath):
+        self.tok, self.ascii, self.lock = tok, ascii_path, threading.Lock()
+        # NOTE: the tokenizer looks for these in the normalized text, the others in the raw text only
+        self.normalized_added = tuple(t.content for t in tok.get_added_tokens_decoder().values() if t.normalized)
+        self.index = np.full(0x110000, -1, dtype=np.int32)     # codepoint -> row, -1 not met yet
+        # row 0: characters the path can't take. Each row: the spaced and the normalized form (UTF-32, padded)
+        self.spaced = np.full((1, 1), self.PAD, dtype=np.uint32)
+        self.normal = np.full((1, 1), self.PAD, dtype=np.uint32)
+
+    @classmethod
+    def build(cls, tok, ascii_path: AsciiPath) -> "UnicodePath | None":
+        spec = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else None
+        if ascii_path.isolate is None or not _per_char(spec, PER_CHAR):
+            return None
+        return cls(tok, ascii_path)
+
+    def take(self, text: str) -> str | None:
+        """What `plain` must encode to give the full tokenizer's ids for text, or None when this path can't."""
+        try:
+            cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        except UnicodeEncodeError:              # a lone surrogate
+            return None
+        rows = self.index[cps]
+        if (rows < 0).any():
+            self._learn(np.unique(cps[rows < 0]))
+            rows = self.index[cps]
+        if not rows.all() or self.ascii._holds_added(text):
+            return None
+        spaced = self._assemble(self.spaced, rows)
+        if self.ascii._holds_added(spaced):
+            return None
+        if self.normalized_added and any(c in spaced for c in self.ascii.firsts):
+            normal = self._assemble(self.normal, rows)
+            if any(a in normal for a in self.normalized_added):
+                return None
+        return spaced
+
+    def _assemble(self, forms: np.ndarray, rows: np.ndarray) -> str:
+        out = forms[rows].ravel()
+        return out[out != self.PAD].tobytes().decode("utf-32-le")
+
+    def _learn(self, cps: np.ndarray) -> None:
+        """Rows for new codepoints: their forms where a probe proves them, row 0 where not."""
+        with self.lock:                          # encode() runs on several threads
+            cps = cps[self.index[cps] < 0]
+            forms = {int(c): self._forms(chr(c)) for c in cps}
+            proven = [c for c, f in forms.items() if f is not None]
+            if proven and not self._probe_holds(proven, forms):
+                proven = [c for c in proven if self._probe_holds([c], forms)]
+            spaced, normal = self.spaced, self.normal
+            for k, table in enumerate((spaced, normal)):
+                width = max([table.shape[1]] + [len(forms[c][k]) for c in proven])
+                grown = np.full((len(table) + len(proven), width), self.PAD, dtype=np.uint32)
+                grown[:len(table), :table.shape[1]] = table
+                for r, c in enumerate(proven, start=len(table)):
+                    grown[r, :len(forms[c][k])] = [ord(x) for x in forms[c][k]]
+                spaced, normal = (grown, normal) if k == 0 else (spaced, grown)
+            # NOTE: tables grown before the index points into them: a reader on another thread sees old or new
+            base = len(self.spaced)
+            self.spaced, self.normal = spaced, normal
+            self.index[cps] = 0
+            self.index[np.asarray(proven, dtype=np.int64)] = np.arange(base, base + len(proven), dtype=np.int32)
+
+    def _forms(self, ch: str) -> tuple[str, str] | None:
+        """(spaced, normalized) forms of one character, or None where the path must not take it."""
+        norm = self.tok.normalizer.normalize_str(ch) if self.tok.normalizer is not None else ch
+        # NOTE: NFD orders runs of combining marks, which is not a per-character rule: none may survive
+        if any(unicodedata.combining(x) for x in norm) or (norm and unicodedata.combining(ch)):
+            return None
+        spaced = "".join(f" {x} " if self._isolated(x) else x for x in norm)
+        return (spaced, norm) if len(spaced) <= self.WIDTH else None
+
+    def _isolated(self, ch: str) -> bool:
+        return [p for p, _ in self.tok.pre_tokenizer.pre_tokenize_str(f"a{ch}b")] == ["a", ch, "b"]
+
+    def _probe_holds(self, cps: list[int], forms: dict) -> bool:
+        """Each character in context: the tokenizer's normalized text and words equal the assembled ones."""
+        chars = [chr(c) for c in cps]
+        probe = "".join(f"A{c}b{c}{c} 7{c}.,a\u4e2d{c} " for c in chars)     # 中: a CJK neighbour
+        known = {**{c: forms[c] for c in cps}, **{ord(x): self._forms(x) for x in "Ab 7.,a\u4e2d"}}
+        if any(f is None for f in known.values()):
+            return False
+        norm = self.tok.normalizer.normalize_str(probe) if self.tok.normalizer is not None else probe
+        if "".join(known[ord(x)][1] for x in probe) != norm:
+            return False
+        spaced = "".join(known[ord(x)][0] for x in probe)
+        words = [w for w, _ in self.tok.pre_tokenizer.pre_tokenize_str(norm)]
+        return [w for w, _ in self.ascii.plain.pre_tokenizer.pre_tokenize_str(spaced)] == words

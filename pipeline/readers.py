@@ -27,8 +27,11 @@ UNPARSEABLE = "unparseable"         # any other exception while cleaning one rec
 TOKENIZE_ERROR = "tokenize_error"   # set by Tokenize: the tokenizer raised on this document
 UNREADABLE = "unreadable"           # the file could not be read past this position (e.g. a truncated .gz)
 TOO_LONG = "too_long"               # a line (paragraph) over max_record_bytes: skipped unread, memory bounded
+QUALITY = "quality"                 # set by Filter (pipeline/filters.py): the detail names the rule
+DUPLICATE = "duplicate"             # set by Dedup (pipeline/dedup.py): the detail names the copy kept
+NEAR_DUPLICATE = "near_duplicate"
 REASONS = (INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, NON_STRING_FIELD, EMPTY, NO_TOKENS,
-           UNPARSEABLE, TOKENIZE_ERROR, UNREADABLE, TOO_LONG)
+           UNPARSEABLE, TOKENIZE_ERROR, UNREADABLE, TOO_LONG, QUALITY, DUPLICATE, NEAR_DUPLICATE)
 
 
 class Raw(NamedTuple):

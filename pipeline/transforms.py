@@ -1,7 +1,13 @@
 r"""The Beam job's stages: one named PTransform each; expand() only wires, the record logic is elsewhere.
 
-    ReadDocuments -> Clean -> Tokenize -> Pack -> AssignShards -> WriteShards -> WriteIndex
-         \ counts     \ rejects  \ rejects  \ counts                     entries /  (rejects.jsonl, index.json)
+    ReadDocuments -> Clean -> [Filter -> Dedup] -> Tokenize -> Pack -> AssignShards -> WriteShards -> WriteIndex
+         \ counts     \ rejects   \ rejects  \ rejects  \ rejects  \ counts              entries /  (rejects.jsonl,
+                                                                                                   index.json)
+Every stage has one output, a tagged union of (kind, payload): DATA for the next stage, REJECT and STATS for
+WriteIndex; `Data()` and `Side()` pick them apart downstream. So the job runs on runners that cannot route a
+ParDo's tagged outputs (Beam's DaskRunner), and every branch feeds WriteIndex, the last stage, which a runner
+computing only the last stage's lineage still runs whole. The counts come from the data (STATS), not from
+Beam metrics, which some runners lack (the counters below are for runners' UIs).
 
 Pack groups (consecutive records of a file) are formed by the reader, which reads a whole file in one call,
 so no shuffle is needed to group documents; Tokenize reshuffles the groups only when there are several
@@ -24,8 +30,29 @@ from maskstream.pipeline import packing, pmi, pmi_stages, progress, readers, sha
 from maskstream.pipeline.tokenizer import TokenizerRef
 
 NS = "maskstream"   # Beam metrics namespace
-REJECTS = "rejects"
-STATS = "stats"
+DATA, REJECT, STATS = "data", "reject", "stats"     # the kinds of a stage's tagged union
+
+
+def _data(element):
+    kind, payload = element
+    if kind == DATA:
+        yield payload
+
+
+def _is_side(element) -> bool:
+    return element[0] != DATA
+
+
+class Data(beam.PTransform):
+    """A stage's (kind, payload) union -> its DATA payloads, for the next stage."""
+    def expand(self, parts):
+        return parts | "Data" >> beam.FlatMap(_data)
+
+
+class Side(beam.PTransform):
+    """A stage's (kind, payload) union -> its (REJECT, Reject) and (STATS, dict) elements, for WriteIndex."""
+    def expand(self, parts):
+        return parts | "Side" >> beam.Filter(_is_side)
 
 
 # ---- ReadDocuments ----------------------------------------------------------------------------------------
@@ -43,14 +70,14 @@ class _ReadFile(beam.DoFn):
         for group in readers.iter_raw_groups(path, self.source):
             n += len(group)
             size += sum(len(r.data) if isinstance(r.data, (bytes, str)) else 1 for r in group)
-            yield (path, group[0].group), group
+            yield DATA, ((path, group[0].group), group)
         self.read.inc(n)
         self.bytes.inc(size)
-        yield beam.pvalue.TaggedOutput(STATS, {"documents_read": n, "bytes_read": size, "files": 1})
+        yield STATS, {"documents_read": n, "bytes_read": size, "files": 1}
 
 
 class ReadDocuments(beam.PTransform):
-    """Matched input files -> ((source, group), [Raw]) pack groups of records, plus per-file counts."""
+    """Matched input files -> DATA ((source, group), [Raw]) pack groups of records; STATS per-file counts."""
     def __init__(self, files: list[str], source):
         super().__init__()
         self.files, self.source = files, source
@@ -58,12 +85,12 @@ class ReadDocuments(beam.PTransform):
     def expand(self, pbegin):
         return (pbegin
                 | "Files" >> beam.Create(self.files)        # NOTE: Create reshuffles: files spread over workers
-                | "ReadFile" >> beam.ParDo(_ReadFile(self.source)).with_outputs(STATS, main="records"))
+                | "ReadFile" >> beam.ParDo(_ReadFile(self.source)))
 
 
 # ---- Clean ------------------------------------------------------------------------------------------------
 
-@beam.typehints.with_output_types(typing.Tuple[typing.Tuple[str, int], typing.Any])
+@beam.typehints.with_output_types(typing.Tuple[str, typing.Any])
 class _Clean(beam.DoFn):
     def __init__(self, source):
         self.source = source
@@ -74,20 +101,19 @@ class _Clean(beam.DoFn):
         docs, rejects = readers.clean_group(raws, self.source)
         for r in rejects:
             self.rejected[r.reason].inc()
-            yield beam.pvalue.TaggedOutput(REJECTS, r)
+            yield REJECT, r
         if docs:
-            yield key, docs
+            yield DATA, (key, docs)
 
 
 class Clean(beam.PTransform):
-    """((source, group), [Raw]) -> ((source, group), [Doc]) of valid documents; rejects with their reason
-    to REJECTS."""
+    """((source, group), [Raw]) -> DATA ((source, group), [Doc]) of valid documents; REJECT with a reason."""
     def __init__(self, source):
         super().__init__()
         self.source = source
 
     def expand(self, records):
-        return records | "Validate" >> beam.ParDo(_Clean(self.source)).with_outputs(REJECTS, main="docs")
+        return records | "Validate" >> beam.ParDo(_Clean(self.source))
 
 
 AHEAD = 2   # batches in flight in one-process mode: one's Python parts overlap another's encode (-0.05 s on SOTU)
@@ -95,7 +121,7 @@ AHEAD = 2   # batches in flight in one-process mode: one's Python parts overlap 
 
 # ---- Tokenize ---------------------------------------------------------------------------------------------
 
-@beam.typehints.with_output_types(typing.Tuple[typing.Tuple[str, int], typing.Any])
+@beam.typehints.with_output_types(typing.Tuple[str, typing.Any])
 class _Tokenize(beam.DoFn):
     """Pack groups buffered up to batch_chars, then one encode call for all of them; the tokenizer is built
     once per worker, from its JSON text. threads (the one-process local mode): the tokenizer's Rust thread
@@ -146,9 +172,9 @@ class _Tokenize(beam.DoFn):
             for (key, _), (tokdocs, rejects) in zip(buffer, results, strict=False):
                 for r in rejects:
                     self.rejected[r.reason].inc()
-                    yield beam.pvalue.TaggedOutput(REJECTS, wrap(r))
+                    yield wrap((REJECT, r))
                 if tokdocs:
-                    yield wrap((key, tokdocs))
+                    yield wrap((DATA, (key, tokdocs)))
 
     def _encode(self, buffer, done):
         return buffer, tokenize_or_reject(self.encoder, [docs for _, docs in buffer]), done
@@ -185,7 +211,7 @@ def _done(value) -> Future:
 
 
 class Tokenize(beam.PTransform):
-    """((source, group), [Doc]) -> ((source, group), [TokDoc]), many groups per encode call.
+    """((source, group), [Doc]) -> DATA ((source, group), [TokDoc]), many groups per encode call; REJECT.
 
     Without threads the groups are first spread over the workers (a file is read by one worker); with
     threads (one process) there is nothing to spread, and the shuffle's copy of the corpus is skipped."""
@@ -196,8 +222,7 @@ class Tokenize(beam.PTransform):
     def expand(self, groups):
         if not self.threads:
             groups = groups | "Spread" >> beam.Reshuffle()
-        return groups | "Encode" >> beam.ParDo(_Tokenize(self.tokenizer, threads=self.threads)).with_outputs(
-            REJECTS, main="tokdocs")
+        return groups | "Encode" >> beam.ParDo(_Tokenize(self.tokenizer, threads=self.threads))
 
 
 # ---- Pack, AssignShards -----------------------------------------------------------------------------------
@@ -217,21 +242,20 @@ class _Pack(beam.DoFn):
                                           units=self.units[1] if vocabulary is not None else None)
         for name, counter in self.counters.items():
             counter.inc(stats[name])
-        yield batch
-        yield beam.pvalue.TaggedOutput(STATS, stats)
+        yield DATA, batch
+        yield STATS, stats
 
 
 class Pack(beam.PTransform):
-    """Tokenized groups -> SeqBatch of exactly-L sequences with uids (and, given a PMI vocabulary, unit starts),
-    plus per-group counts to STATS."""
+    """Tokenized groups -> DATA SeqBatch of exactly-L sequences with uids (and, given a PMI vocabulary, unit
+    starts); STATS per-group counts."""
     def __init__(self, pack_cfg, info, key: bytes, vocabulary=None):
         super().__init__()
         self.pack_cfg, self.info, self.key, self.vocabulary = pack_cfg, info, key, vocabulary
 
     def expand(self, tokdocs):
         side = {} if self.vocabulary is None else {"vocabulary": beam.pvalue.AsSingleton(self.vocabulary)}
-        return tokdocs | "PackGroup" >> beam.ParDo(_Pack(self.pack_cfg, self.info, self.key), **side).with_outputs(
-            STATS, main="sequences")
+        return tokdocs | "PackGroup" >> beam.ParDo(_Pack(self.pack_cfg, self.info, self.key), **side)
 
 
 class AssignShards(beam.PTransform):
@@ -279,13 +303,13 @@ class WriteShards(beam.PTransform):
 
 
 class _Gather(beam.CombineFn):
-    """(kind, payload) -> {"entry": [...], "reject": [...], "stats": {summed}}; partial sums on each worker."""
+    """(kind, payload) -> {"entry": [...], REJECT: [...], STATS: {summed}}; partial sums on each worker."""
     def create_accumulator(self):
-        return {"entry": [], "reject": [], "stats": {}}
+        return {"entry": [], REJECT: [], STATS: {}}
 
     def add_input(self, acc, element):
         kind, payload = element
-        if kind == "stats":
+        if kind == STATS:
             acc["stats"] = shards.sum_stats([acc["stats"], payload])
         else:
             acc[kind].append(payload)
@@ -343,21 +367,25 @@ def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]]
 
     threads: the job runs in one process (local in_memory mode), so the tokenizer may use every core.
     tokenizer_path: where workers can read tokenizer_json themselves (the local runner); None: carried inline."""
+    from maskstream.pipeline.curation import curate
     tokenizer = TokenizerRef.of(tokenizer_json, path=tokenizer_path)
     read = p | "ReadDocuments" >> ReadDocuments([path for path, _ in inputs], config.source)
-    clean = read.records | "Clean" >> Clean(config.source)
-    tok = clean.docs | "Tokenize" >> Tokenize(tokenizer, threads=threads)
-    vocabulary = None if config.pmi is None else tok.tokdocs | "FindUnits" >> pmi_stages.FindUnits(config.pmi)
-    packed = tok.tokdocs | "Pack" >> Pack(config.pack, info, config.data_hash(), vocabulary)
-    entries = (packed.sequences
+    clean = read | "Records" >> Data() | "Clean" >> Clean(config.source)
+    docs, curated = curate(clean | "Docs" >> Data(), config)
+    tok = docs | "Tokenize" >> Tokenize(tokenizer, threads=threads)
+    tokdocs = tok | "TokDocs" >> Data()
+    vocabulary = None if config.pmi is None else tokdocs | "FindUnits" >> pmi_stages.FindUnits(config.pmi)
+    packed = tokdocs | "Pack" >> Pack(config.pack, info, config.data_hash(), vocabulary)
+    sequences = packed | "Sequences" >> Data()
+    entries = (sequences
                | "AssignShards" >> AssignShards(config.shard.num_shards)
                | "WriteShards" >> WriteShards(config, info))
     parts = [entries | "TagEntries" >> beam.Map(lambda e: ("entry", e)),
-             clean.rejects | "TagRejects" >> beam.Map(lambda r: ("reject", r)),
-             tok.rejects | "TagNoTokens" >> beam.Map(lambda r: ("reject", r)),
-             read.stats | "TagReadStats" >> beam.Map(lambda d: ("stats", d)),
-             packed.stats | "TagPackStats" >> beam.Map(lambda d: ("stats", d))]
+             read | "ReadCounts" >> Side(),
+             clean | "CleanRejects" >> Side(),
+             *curated,
+             tok | "TokenizeRejects" >> Side(),
+             packed | "PackCounts" >> Side()]
     index = parts | "Flatten" >> beam.Flatten() | "WriteIndex" >> WriteIndex(config, info, inputs, tokenizer,
                                                                              vocabulary)
-    return {"records": read.records, "docs": clean.docs, "rejects": (clean.rejects, tok.rejects),
-            "sequences": packed.sequences, "entries": entries, "index": index}
+    return {"docs": docs, "sequences": sequences, "entries": entries, "index": index}

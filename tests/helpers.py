@@ -66,6 +66,15 @@ def sotu_texts(max_chars: int | None = None) -> list[str]:
     return texts
 
 
+def changed(text: str, fraction: float, seed: int) -> str:
+    """text with `fraction` of its words replaced (a near copy)."""
+    words = text.split()
+    rng = np.random.default_rng(seed)
+    for i in rng.choice(len(words), max(1, int(fraction * len(words))), replace=False):
+        words[i] = f"w{seed}x{i}"
+    return " ".join(words)
+
+
 @functools.lru_cache(maxsize=None)
 def sotu_sequences(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The first n packed sequences of the SOTU corpus: tokens (n, L) int64, lengths, word starts, uids.

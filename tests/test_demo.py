@@ -11,6 +11,7 @@ def test_quick_demo_runs_the_whole_chain_and_reports_against_the_unigram_baselin
     assert demo.main(["--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "unigram baseline" in out and "tiny encoder" in out and "fill-mask" in out
+    assert "curation: " in out and "quality rejects 0" in out     # SOTU passes Gopher's rules
     run = tmp_path / "demo" / "run"
     figures = json.loads((run / "demo.json").read_text())
     assert figures["model"]["predictions"] == figures["unigram"]["predictions"] > 0

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from maskstream.errors import MissingPath, UserError
+from maskstream.loader import documents
 from maskstream.loader.maskconfig import IGNORE_INDEX
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 from maskstream.trainer import checkpoint
@@ -44,8 +45,11 @@ def check_tokenizer(expected: dict | None, source: str, loader: MLMLoader, what:
 
 @torch.no_grad()
 def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, world: int = 1,
-             max_batches: int = 0) -> dict:
-    """Held-out MLM loss (nats), masked-token accuracy, perplexity and the number of predictions."""
+             max_batches: int = 0, attention: str = "full") -> dict:
+    """Held-out MLM loss (nats), masked-token accuracy, perplexity and the number of predictions.
+
+    attention: the run's --attention (doc: documents packed in a row attend only within themselves).
+    """
     was_training = model.training
     model.eval()
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -55,7 +59,8 @@ def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, worl
         if max_batches and i >= max_batches:
             break
         with amp:
-            logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                              **documents.attention_inputs(batch, attention))
         targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
         sums[0] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
         sums[1] += (logits.argmax(dim=-1) == targets).sum()
@@ -120,6 +125,11 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[torch.nn.Modu
     return model.to(device).eval(), ckpt["config"]
 
 
+def run_attention(config: dict) -> str:
+    """The attention a run was trained with (runs from before --attention attended across the row)."""
+    return config["train"].get("attention", "full")
+
+
 def load_tokenizer(run_dir: str | Path):
     from tokenizers import Tokenizer
 
@@ -172,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--data {a.data} holds sequences of {held_out.seq_len} tokens but the model of {a.run} "
                         f"accepts at most {model.config.max_len}; preprocess it with --seq-len "
                         f"{model.config.max_len} or less")
-    result = {"run": a.run, "data": a.data, **evaluate(model, held_out, device=torch.device(a.device))}
+    result = {"run": a.run, "data": a.data, **evaluate(model, held_out, device=torch.device(a.device),
+                                                       attention=run_attention(config))}
     if a.baseline_data:
         train = MLMLoader(a.baseline_data, LoaderConfig(batch_size=a.batch_size, remainder="wrap"),
                           device=a.device)

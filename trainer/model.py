@@ -1,8 +1,8 @@
 """The MLM encoder: a BERT/RoBERTa-style pre-norm Transformer with tied output embeddings, in one file.
 
-Read top to bottom: config and size presets, attention, MLP, block, the encoder with its MLM head, and the
-FLOPs count used for model-FLOPs utilization. The MLM loss is computed only at labelled positions: their
-hidden states are gathered *before* the output projection, so the (d x V) matmul runs on ~15% of the tokens.
+Read top to bottom: config and size presets, attention (document-aware masks), MLP, block, the encoder with its
+MLM head, and the FLOPs count used for model-FLOPs utilization. The MLM loss is computed only at labelled positions:
+their hidden states are gathered *before* the output projection, so the (d x V) matmul runs on ~15% of the tokens.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from maskstream.loader.maskconfig import IGNORE_INDEX
 
@@ -90,9 +91,49 @@ def rotary_tables(head_size: int, max_len: int, base: float) -> tuple[Tensor, Te
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, nh, L, hs) queries or keys by their positions; cos, sin are (L, hs)."""
+    """Rotate (B, nh, L, hs) queries or keys by their positions; cos, sin are (L, hs) or (B, 1, L, hs)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ---- document-aware attention -----------------------------------------------------------------------------
+# A packed row holds several documents; with document_ids (B, L) a query attends only to the real keys of its
+# own document, so a packed row gives what running each document alone gives (tests/trainer/test_documents.py).
+# Padded queries attend to themselves only: no row of the mask is empty (an empty row is NaN in SDPA), and
+# their outputs are never read.
+
+def document_mask(document_ids: Tensor, real: Tensor) -> Tensor:
+    """(B, 1, L, L) bool, True = attend: same document and a real key (SDPA's boolean attn_mask)."""
+    L = document_ids.shape[1]
+    allowed = (document_ids[:, :, None] == document_ids[:, None, :]) & real[:, None, :]  # (B, L, L)
+    itself = torch.eye(L, dtype=torch.bool, device=real.device)[None] & ~real[:, :, None]
+    return (allowed | itself)[:, None]
+
+
+def document_block_mask(document_ids: Tensor, real: Tensor) -> BlockMask:
+    """document_mask as a flex-attention BlockMask: blocks that hold no allowed pair are skipped, not computed."""
+    B, L = document_ids.shape
+
+    def allowed(b, h, q, kv):
+        same = (document_ids[b, q] == document_ids[b, kv]) & real[b, kv]
+        return same | ((q == kv) & ~real[b, q])
+    return create_block_mask(allowed, B, None, L, L, device=document_ids.device)
+
+
+# attention kernel name -> (document_ids, real) -> the mask it takes; "flex" is the CUDA path (compiled)
+MASKS = {"sdpa": document_mask, "flex": document_block_mask}
+_COMPILED_FLEX = []
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    # NOTE: eager flex_attention materializes the scores; compiled once, it is a fused kernel that skips the
+    # masked blocks. flex_attention has no dropout on the attention probabilities: that one dropout is left
+    # out on this path (the presets that train on GPUs keep embedding and residual dropout).
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0](q, k, v, block_mask=block_mask)
 
 
 class SelfAttention(nn.Module):
@@ -106,17 +147,21 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | BlockMask | None,
+                rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hs)
         if rotary is not None:
-            cos, sin = (t.to(q.dtype) for t in rotary)  # (L, hs); q's dtype under autocast
+            cos, sin = (t.to(q.dtype) for t in rotary)  # (L, hs) or (B, 1, L, hs); q's dtype under autocast
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # key_mask (B, 1, 1, L) bool, True = attend. Every row keeps at least one key (position 0 is real), so
-        # padded query rows stay finite; their outputs are ignored.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if isinstance(key_mask, BlockMask):
+            y = _flex(q, k, v, key_mask)
+        else:
+            # key_mask (B, 1, 1, L) or, document-aware, (B, 1, L, L) bool, True = attend. Every row keeps at
+            # least one key, so padded query rows stay finite; their outputs are ignored.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, L, D)
         return self.resid_dropout(self.proj(y))
 
@@ -142,7 +187,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | BlockMask | None,
+                rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         x = x + self.attn(self.ln1(x), key_mask, rotary)
         return x + self.mlp(self.ln2(x))
 
@@ -154,6 +200,7 @@ class MLMEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.kernel = "sdpa"  # the document-aware attention kernel (MASKS); the trainer picks "flex" on CUDA
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # rotary: no position table; cos/sin are recomputed from the config, so they stay out of checkpoints
         self.pos_emb = None if cfg.rope else nn.Embedding(cfg.max_len, cfg.d_model)
@@ -186,20 +233,31 @@ class MLMEncoder(nn.Module):
             n -= self.tok_emb.weight.numel() + (0 if self.pos_emb is None else self.pos_emb.weight.numel())
         return n
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """(B, L) int64 ids and (B, L) bool mask -> (B, L, d) final hidden states."""
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+               document_ids: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
+        """(B, L) int64 ids and (B, L) bool mask -> (B, L, d) final hidden states.
+
+        document_ids (B, L): attend within each document only; position_ids (B, L): each token's position in its
+        document (rotary angles or the position table). Without them: one document per row, positions 0..L-1.
+        """
         B, L = input_ids.shape
         if L > self.config.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len={self.config.max_len}; "
                              "build the model with max_len >= the dataset's seq_len")
         x = self.tok_emb(input_ids)  # (B, L, d)
         rotary = None
-        if self.pos_emb is None:
+        if self.pos_emb is None and position_ids is None:
             rotary = (self.rope_cos[:L], self.rope_sin[:L])  # (L, hs) each
+        elif self.pos_emb is None:
+            rotary = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])  # (B, 1, L, hs)
         else:
-            x = x + self.pos_emb(torch.arange(L, device=input_ids.device))
+            x = x + self.pos_emb(torch.arange(L, device=input_ids.device) if position_ids is None else position_ids)
         x = self.emb_dropout(x)
-        key_mask = None if attention_mask is None else attention_mask[:, None, None, :].to(torch.bool)
+        if document_ids is not None:
+            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            key_mask = MASKS[self.kernel](document_ids, real)
+        else:
+            key_mask = None if attention_mask is None else attention_mask[:, None, None, :].to(torch.bool)
         for block in self.blocks:
             x = block(x, key_mask, rotary)
         return self.ln_f(x)
@@ -210,10 +268,11 @@ class MLMEncoder(nn.Module):
         return F.linear(h, self.tok_emb.weight, self.head_bias)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                labels: Tensor | None = None, *, document_ids: Tensor | None = None,
+                position_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Without labels: ((B, L, V) logits, None). With labels (B, L) int64, -100 where unlabelled:
         ((N, V) logits of the N labelled positions in row-major order, mean cross-entropy over them)."""
-        hidden = self.encode(input_ids, attention_mask)
+        hidden = self.encode(input_ids, attention_mask, document_ids=document_ids, position_ids=position_ids)
         if labels is None:
             return self.logits(hidden), None
         selected = labels != IGNORE_INDEX  # (B, L) bool

@@ -25,6 +25,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from maskstream.errors import MissingPath, PathExists, UserError
+from maskstream.loader import documents
+from maskstream.loader.documents import ATTENTIONS
+from maskstream.loader.schedule import parse_schedule
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 from maskstream.trainer import evaluate, run_folder
 from maskstream.trainer.checkpoint import Checkpointer, latest
@@ -76,6 +79,9 @@ class TrainConfig:
     resume: str = ""               # "" new run | "latest" (refused without a checkpoint) | "auto" (fresh without one)
     on_nonfinite: str = "stop"     # stop | skip: what a NaN/inf loss or gradient norm does
     progress: bool = True
+    attention: str = ""            # doc | full (see ATTENTIONS); "" = doc, or full with --hf-config
+    mask_schedule: str = ""        # "" = the dataset's mask_prob | constant:P | linear:P0:P1 | cosine:P0:P1
+    mask_only: bool = False        # every selected token becomes the mask token (no 10 % random, 10 % unchanged)
 
     def __post_init__(self):
         if self.model_size not in PRESETS:
@@ -99,6 +105,15 @@ class TrainConfig:
         if self.hf_config and self.dropout >= 0:
             raise ValueError(f"--dropout {self.dropout} sets the --model-size presets' dropout; with --hf-config set "
                              "it in the config file (e.g. hidden_dropout_prob, attention_probs_dropout_prob)")
+        if self.attention == "":  # the default: doc for our encoder; a transformers model takes no document ids
+            object.__setattr__(self, "attention", "full" if self.hf_config else "doc")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"--attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
+        if self.attention == "doc" and self.hf_config:
+            raise ValueError("--attention doc needs maskstream's encoder: an --hf-config model takes no document "
+                             "ids; pass --attention full (its default)")
+        if self.mask_schedule:
+            parse_schedule(self.mask_schedule)
         if self.lr <= 0 or self.clip < 0:
             raise ValueError(f"--lr {self.lr} must be > 0 and --clip {self.clip} >= 0 (0 disables clipping)")
 
@@ -146,6 +161,14 @@ def parse_args(argv: list[str]) -> TrainConfig:
                    "norm stops the run (default), or skip drops that update and counts it (skipped_steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--attention", default="", choices=ATTENTIONS, help="doc (default): documents packed in "
+                   "one row never attend to each other, positions restart at each; full: attend across the row "
+                   "(the default with --hf-config)")
+    p.add_argument("--mask-schedule", default="", metavar="SCHEDULE", help="mask rate over the run, by step: "
+                   "constant:P | linear:P0:P1 | cosine:P0:P1 (default: the dataset's mask_prob); "
+                   "evaluation keeps the held-out set's fixed mask")
+    p.add_argument("--mask-only", action="store_true", help="replace every selected token by the mask token "
+                   "(instead of BERT's 80/10/10)")
     a = p.parse_args(argv)
     try:
         return TrainConfig(**vars(a))
@@ -225,6 +248,23 @@ def check_masking(cfg: TrainConfig, index: dict) -> None:
                          "or pass --masking dataset")
 
 
+def recipe(cfg: TrainConfig, loader: MLMLoader) -> None:
+    """--mask-only and --mask-schedule change how the loader masks: refused where masks are stored (static)."""
+    if (cfg.mask_only or cfg.mask_schedule) and loader.static_copies:
+        flag = "--mask-only" if cfg.mask_only else "--mask-schedule"
+        raise UserError(f"{flag} needs masks made while training, but {cfg.data} stores static masks; preprocess "
+                        f"with --masking dynamic, or drop {flag}")
+    if cfg.mask_only:
+        loader.masking = dataclasses.replace(loader.masking, mask_token_frac=1.0, random_token_frac=0.0)
+
+
+def mask_rate(run: Run) -> float:
+    """The mask rate of the current step: the schedule's, else the masking config's."""
+    if not run.cfg.mask_schedule:
+        return run.loader.masking.mask_prob
+    return parse_schedule(run.cfg.mask_schedule)(run.step, run.total_steps)
+
+
 def check_out(cfg: TrainConfig, rank: int) -> None:
     """--out against --resume, before anything is built: a new run never overwrites checkpoints."""
     has_checkpoint = latest(Path(cfg.out)) is not None
@@ -257,9 +297,12 @@ def build(cfg: TrainConfig) -> Run:
                                               num_workers=cfg.num_workers, partitions=cfg.loader_partitions),
                        rank=rank, world_size=world, device=str(device))
     check_masking(cfg, loader.index)
+    recipe(cfg, loader)
     torch.manual_seed(cfg.seed)  # the initial weights: the same on every rank
     raw = new_model(cfg, loader, rank).to(device)
     model_cfg = raw.config
+    if isinstance(raw, MLMEncoder):
+        raw.kernel = "flex" if device.type == "cuda" else "sdpa"  # document masks: flex skips masked blocks on GPUs
     torch.manual_seed(cfg.seed * 1000 + rank)  # dropout: a different stream per rank, saved in checkpoints
     decay = [p for p in raw.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw.parameters() if p.dim() < 2]
@@ -405,12 +448,16 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
     run.model.train()
     while run.step < run.total_steps:
         step_loss = torch.zeros((), device=device)
+        rate = mask_rate(run)
+        if cfg.mask_schedule:
+            run.loader.set_mask_rate(rate)  # the keyed rule at this step's rate: a resumed run masks the same
         for micro in range(cfg.grad_accum):
             batch = next(stream)
             sync = micro == cfg.grad_accum - 1 or run.world == 1
             ctx = run.model.no_sync() if not sync else _nullcontext()
             with ctx, amp:
-                _, loss = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                _, loss = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                    **documents.attention_inputs(batch, cfg.attention))
                 (loss / cfg.grad_accum).backward()
             step_loss += loss.detach() / cfg.grad_accum
             tokens += batch["input_ids"].numel() * run.world
@@ -432,7 +479,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
             dt = time.perf_counter() - t0
             record = {"step": run.step, "epoch": round(epoch_of(run), 4), "loss": mean,
                       "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / dt, 1),
-                      "skipped_steps": run.counters["skipped_steps"]}
+                      "skipped_steps": run.counters["skipped_steps"], "mask_rate": rate}
             log_line(run, record)
             bar.set_postfix(loss=f"{mean:.3f}" if mean is not None else "-", tok_s=f"{tokens / dt:,.0f}",
                             epoch=f"{record['epoch']:.2f}")
@@ -443,7 +490,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
         paused = time.perf_counter()  # evaluation and checkpoint time is left out of tokens/s
         if run.eval_loader is not None and (done or (cfg.eval_every and run.step % cfg.eval_every == 0)):
             last_eval = evaluate.evaluate(run.raw_model, run.eval_loader, device=device, world=run.world,
-                                          max_batches=cfg.eval_batches)
+                                          max_batches=cfg.eval_batches, attention=cfg.attention)
             log_line(run, {"step": run.step, "epoch": round(epoch_of(run), 4),
                            **{f"eval_{k}": v for k, v in last_eval.items()}})
             bar.write(f"step {run.step}: held-out loss {last_eval['loss']:.3f}  "

@@ -75,17 +75,31 @@ def banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+# Curation of the training addresses: Gopher's quality rules and MinHash dedup (SOTU passes both: the demo shows
+# the counts, zero here, that a web corpus would not have)
+CURATION = ("--filters", "gopher", "--dedup", "minhash")
+
+
 def preprocess(corpus: Path, tokenizer: Path, output: Path, cfg: DemoConfig, quick: bool, *,
-               mask_prob: float = 0.15) -> dict:
+               mask_prob: float = 0.15, curate: bool = False) -> dict:
     """One Beam job (the pipeline's own run()); it writes the tokenizer beside index.json."""
     from maskstream.pipeline import run as beam_job
 
     argv = ["--input", str(corpus), "--tokenizer", str(tokenizer), "--output", str(output),
             "--seq-len", str(cfg.seq_len), "--num-shards", "2" if quick else "4", "--seed", "0",
-            "--mask-prob", str(mask_prob)]
+            "--mask-prob", str(mask_prob), *(CURATION if curate else ())]
     if quick:
         argv.append("--direct_running_mode=in_memory")  # no worker processes to start for a few documents
     return beam_job.run(argv)
+
+
+def curation_line(counts: dict) -> str:
+    """What --filters gopher and --dedup minhash removed, by rule and by kind."""
+    from maskstream.pipeline.filters import RULES
+    by_reason = counts["rejects_by_reason"]
+    rules = ", ".join(f"{r} {counts.get(f'quality_{r}', 0)}" for r in RULES)
+    return (f"curation: {counts['documents_read']} read; quality rejects {by_reason.get('quality', 0)} ({rules}); "
+            f"duplicates {by_reason.get('duplicate', 0)}, near duplicates {by_reason.get('near_duplicate', 0)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     banner("3/5 Beam job: clean, tokenize, pack, shuffle and write verified shards")
     for corpus, name in ((train_corpus, "train"), (held_corpus, "held_out")):
         mask_prob = cfg.train_mask_prob if name == "train" else 0.15
-        index = preprocess(corpus, tok_path, out / "shards" / name, cfg, a.quick, mask_prob=mask_prob)
+        index = preprocess(corpus, tok_path, out / "shards" / name, cfg, a.quick, mask_prob=mask_prob,
+                           curate=name == "train")
         print(f"{name}: {index['counts']['documents_written']} addresses -> {index['counts']['sequences']:,} "
               f"sequences of {index['seq_len']} tokens in {len(index['shards'])} shards")
+        if name == "train":
+            print(curation_line(index["counts"]))
 
     banner(f"4/5 train the tiny encoder on CPU for {cfg.steps} steps (dynamic masks, fresh every epoch, "
            f"{cfg.train_mask_prob:.0%} of the tokens)")
@@ -145,7 +162,7 @@ def report(out: Path, run_dir: Path, seconds: float) -> dict:
 
     model, config = evaluate.load_run(run_dir)
     held_out = evaluate.eval_loader(str(out / "shards" / "held_out"), batch_size=32)
-    ours = evaluate.evaluate(model, held_out, device=torch.device("cpu"))
+    ours = evaluate.evaluate(model, held_out, device=torch.device("cpu"), attention=evaluate.run_attention(config))
     train = MLMLoader(str(out / "shards" / "train"), LoaderConfig(batch_size=64, remainder="wrap"))
     base = evaluate.unigram_baseline(train, held_out)
     tokenizer = evaluate.load_tokenizer(run_dir)

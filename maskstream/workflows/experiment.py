@@ -1,7 +1,9 @@
-"""`maskstream experiment static-vs-dynamic`: the same model, data, steps and seed, with static or dynamic masks.
+"""`maskstream experiment NAME`: the same model, data, steps and seed, trained under recipes that differ in one way.
 
-Static: BERT's recipe, K mask copies made once by the Beam job (`--masking static`); epoch e sees copy e mod K.
-Dynamic: RoBERTa's, a fresh mask every epoch on the device. Both are scored on the same held-out sequences
+static-vs-dynamic: BERT's K mask copies made once by the Beam job (`--masking static`; epoch e sees copy e mod K)
+against RoBERTa's fresh mask every epoch on the device. doc-vs-full: attention inside each packed document
+(`--attention doc`) against attention across the whole row. mask-schedule: a constant 15 % and 30 % mask rate
+against a linear 30 % -> 15 % schedule (Ankner et al. 2024). Every run is scored on the same held-out sequences
 under the same fixed evaluation mask; the report is a table (RUN/experiment.json) and a plot (experiment.png).
 
 With --data DIR (a dynamic shard folder made by the Beam job), its static twin is made by re-running the
@@ -46,8 +48,8 @@ def static_twin(data: Path, out: Path, copies: int) -> Path:
     return out
 
 
-def bundled(out: Path, copies: int) -> tuple[Path, Path, Path]:
-    """(dynamic train, static train, held-out) shard folders from the bundled corpus."""
+def bundled(out: Path) -> tuple[Path, Path]:
+    """(dynamic train, held-out) shard folders from the bundled corpus."""
     from maskstream.pipeline import tokenizer as tokenizers
     from maskstream.workflows import demo
 
@@ -60,7 +62,24 @@ def bundled(out: Path, copies: int) -> tuple[Path, Path, Path]:
     demo.preprocess(train_corpus, out / "tokenizer.json", dynamic, cfg, quick=False)
     held = out / "shards" / "held_out"
     demo.preprocess(held_corpus, out / "tokenizer.json", held, cfg, quick=False)
-    return dynamic, static_twin(dynamic, out / "shards" / f"static{copies}", copies), held
+    return dynamic, held
+
+
+# experiment -> (args, out, dynamic training shards) -> {run name: (training shards, the run's train flags)}
+EXPERIMENTS = {
+    "static-vs-dynamic": lambda a, out, dynamic: {
+        f"static (K={a.static_copies})": (static_twin(dynamic, out / "shards" / f"static{a.static_copies}",
+                                                      a.static_copies), []),
+        "dynamic": (dynamic, [])},
+    "doc-vs-full": lambda a, out, dynamic: {
+        "full attention": (dynamic, ["--attention", "full"]),
+        "document-aware": (dynamic, ["--attention", "doc"])},
+    "mask-schedule": lambda a, out, dynamic: {
+        "constant 15%": (dynamic, ["--mask-schedule", "constant:0.15"]),
+        "constant 30%": (dynamic, ["--mask-schedule", "constant:0.3"]),
+        "linear 30->15%": (dynamic, ["--mask-schedule", "linear:0.3:0.15"])},
+}
+DEFAULT_STEPS = {"static-vs-dynamic": 1500, "doc-vs-full": 200, "mask-schedule": 200}  # a few CPU minutes a run
 
 
 def plot(out: Path, runs: dict[str, Path]) -> Path:
@@ -93,11 +112,12 @@ def plot(out: Path, runs: dict[str, Path]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="maskstream experiment", description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=["static-vs-dynamic"])
+    p.add_argument("name", choices=list(EXPERIMENTS))
     p.add_argument("--data", default=None, help="dynamic training shards (default: build from the bundled corpus)")
     p.add_argument("--eval-data", default=None, help="held-out shards (required with --data)")
     p.add_argument("--out", default="experiment-run")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=0, help="steps per run (default: "
+                   f"{', '.join(f'{k} {v}' for k, v in DEFAULT_STEPS.items())})")
     p.add_argument("--static-copies", type=int, default=2, help="K static masks (BERT: 10 over 40 epochs)")
     p.add_argument("--model-size", default="tiny")
     p.add_argument("--batch-size", type=int, default=32)
@@ -109,31 +129,30 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--data needs --eval-data (held-out shards made by the same tokenizer)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    if a.data:
-        dynamic, held = Path(a.data), Path(a.eval_data)
-        static = static_twin(dynamic, out / "shards" / f"static{a.static_copies}", a.static_copies)
-    else:
-        dynamic, static, held = bundled(out, a.static_copies)
+    steps = a.steps or DEFAULT_STEPS[a.name]
+    dynamic, held = (Path(a.data), Path(a.eval_data)) if a.data else bundled(out)
 
     from maskstream.trainer import train as trainer
-    runs = {f"static (K={a.static_copies})": (static, out / "static"), "dynamic": (dynamic, out / "dynamic")}
+    arms = EXPERIMENTS[a.name](a, out, dynamic)
+    runs = {name: out / "runs" / "".join(c if c.isalnum() else "-" for c in name) for name in arms}
     results = {}
-    for name, (data, run) in runs.items():
-        print(f"\n== {name}: {a.model_size}, {a.steps} steps of {a.batch_size}, seed {a.seed}", flush=True)
+    for name, (data, extra) in arms.items():
+        run = runs[name]
+        print(f"\n== {name}: {a.model_size}, {steps} steps of {a.batch_size}, seed {a.seed}", flush=True)
         if run.exists():
             shutil.rmtree(run)
         trainer.main(["--data", str(data), "--eval-data", str(held), "--out", str(run), "--model-size",
-                      a.model_size, "--max-steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr",
-                      str(a.lr), "--seed", str(a.seed), "--eval-every", str(max(1, a.steps // a.evals)),
-                      "--log-every", "10"])
+                      a.model_size, "--max-steps", str(steps), "--batch-size", str(a.batch_size), "--lr",
+                      str(a.lr), "--seed", str(a.seed), "--eval-every", str(max(1, steps // a.evals)),
+                      "--log-every", "10", *extra])
         from maskstream.trainer.run_folder import read_metrics
         rows = read_metrics(run)
         last = [r for r in rows if "eval_loss" in r][-1]
         results[name] = {"held_out_loss": last["eval_loss"], "held_out_accuracy": last["eval_accuracy"],
                          "epochs": last["epoch"], "final_train_loss": [r for r in rows if "loss" in r][-1]["loss"]}
-    plot(out, {name: run for name, (_, run) in runs.items()})
+    plot(out, runs)
     (out / "experiment.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'masking':<16} {'epochs':>6} {'train loss':>10} {'held-out loss':>13} {'held-out acc.':>13}")
+    print(f"\n{'run':<16} {'epochs':>6} {'train loss':>10} {'held-out loss':>13} {'held-out acc.':>13}")
     for name, r in results.items():
         print(f"{name:<16} {r['epochs']:>6.1f} {r['final_train_loss']:>10.3f} {r['held_out_loss']:>13.3f} "
               f"{r['held_out_accuracy']:>13.2%}")

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
+from helpers import changed, write_sotu_subset
 from helpers import sotu_texts as read_sotu_texts
-from helpers import write_sotu_subset
 
 from maskstream.pipeline import run as pipeline_run
 
@@ -63,3 +64,15 @@ def sotu_run(sotu_file, bert_json, tmp_path_factory):
     index = run_job([sotu_file], bert_json, out, "--local-mode", "multi_processing", "--direct_num_workers", 2,
                     "--num-shards", 4)
     return out, index, file_hashes(out)
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """Twelve SOTU addresses in one file; in another, an exact copy (case and spacing changed), a near copy
+    (2% of the words changed) and a verbatim copy of one of them."""
+    folder = tmp_path_factory.mktemp("planted")
+    texts = read_sotu_texts()[:12]
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    copies = ["  " + texts[3].upper(), changed(texts[5], 0.02, seed=1), texts[3]]
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in copies))
+    return [folder / "a.jsonl", folder / "b.jsonl"]

@@ -4,12 +4,20 @@ from __future__ import annotations
 import gzip
 import json
 import string
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
-from maskstream.pipeline.encoder import AsciiPath, Encoder, space_out, word_start_table, word_starts_from_ids
+from maskstream.pipeline.encoder import (
+    AsciiPath,
+    Encoder,
+    UnicodePath,
+    space_out,
+    word_start_table,
+    word_starts_from_ids,
+)
 from maskstream.pipeline.tokenizer import convert_gpt2, load_tokenizer
 
 TRICKY = [
@@ -20,6 +28,17 @@ TRICKY = [
     "Ünïcödé café naïve 中文字符 résumé",        # not ASCII: the full path
     "<s>hello</s> <S>HELLO</S> <mask> <MASK> <pad>",
     "", " ", "\x01\x02", "a" * 300, "x" + "\x7f" * 5 + "y",
+]
+
+
+# not ASCII: what the Unicode path must take exactly or leave to the full path
+UNICODE_EDGES = [
+    "中文，标点。「引号」！（括号）中文字符", "\U00020000\U0002a6d6 extension B, \u3007 \uf900 compatibility",
+    "Ünïcödé CAFÉ naïve résumé e\u0301 a\u0316\u0301 a\u0301\u0316 o\u0308\u0304",   # combining marks, any order
+    "ΣΊΣΥΦΟΣ ὈΔΥΣΣΕΎΣ ς σ", "İstanbul ıi ǅ ß ẞ ﬁ ﬀ", "한국어 텍스트 ㄱ", "ｆｕｌｌｗｉｄｔｈ　ＡＢＣ　１２３！",
+    "nbsp\u00a0here\u2003em\u3000ideographic\u2028ls", "zw\u200bsp\u200dzwj\ufeffbom\ufffdrepl\u00adshy",
+    "emoji 😀👍🏽 👨‍👩‍👧 ✓ ☃", "ﷺ \U0001d165\U0001d166 \u0f71\u0f72", "中文[MASK]中文 ［ＭＡＳＫ］ [mask]",
+    "\u0600\u0601 arabic تجربة עברית", "ȺȾ ⱥ Ω K Å",
 ]
 
 
@@ -56,10 +75,17 @@ def test_bert_on_the_whole_sotu_corpus_gives_the_plain_ids_mostly_through_the_as
     assert_same(encoder, bert, sotu_texts)
 
 
-def test_bert_on_chinese_prose_and_tricky_strings(bert, data_dir):
+@pytest.fixture(scope="module")
+def zh_texts(data_dir):
     with gzip.open(data_dir / "debian-reference-zh.jsonl.gz", "rt") as f:
-        zh = [json.loads(line)["text"] for line in f]
-    assert_same(Encoder(bert), bert, zh + TRICKY)
+        return [json.loads(line)["text"] for line in f]
+
+
+def test_bert_on_chinese_prose_and_tricky_strings(bert, zh_texts):
+    encoder = Encoder(bert)
+    assert encoder.unicode is not None and all(encoder.take(t) is not None for t in zh_texts)  # all taken
+    assert_same(encoder, bert, zh_texts + TRICKY + UNICODE_EDGES)
+    assert encoder.take("中文[MASK]") is None and encoder.take("lone \ud800") is None
     path = Encoder(bert).ascii
     assert path.take("[MASK] here") is None and path.take("[Mask] HERE") == " [ mask ]  here"  # only "[MASK]"
 
@@ -102,3 +128,47 @@ def test_ascii_rules_are_read_off_the_normalizer_and_pre_tokenizer(bert):
     assert {chr(c) for c in np.flatnonzero(path.isolate)} == set(string.punctuation)
     assert space_out("u.s.a., ok", path.isolate) == "u . s . a .  ,  ok"
     assert word_start_table(bert)[bert.token_to_id("##s")] == 0 and word_start_table(bert)[bert.token_to_id("the")]
+
+
+def test_chinese_from_several_threads_at_once_while_characters_are_learned(bert, zh_texts):
+    encoder = Encoder(bert)
+    parts = [zh_texts[i::4] + UNICODE_EDGES for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(encoder.encode, parts))
+    for part, out in zip(parts, got, strict=True):
+        for (a, sa), (b, sb) in zip(out, reference(bert, part), strict=True):
+            assert np.array_equal(a, b) and np.array_equal(sa, sb)
+
+
+@pytest.mark.parametrize("normalizer", [
+    normalizers.BertNormalizer(lowercase=False, strip_accents=False),      # a cased BERT: accents kept
+    normalizers.Lowercase(),                                               # "İ" -> "i" + a combining dot
+    normalizers.Sequence([normalizers.NFKD(), normalizers.Lowercase()]),   # "ﷺ" -> 18 characters
+])
+def test_characters_the_unicode_path_cannot_prove_take_the_full_path(bert, zh_texts, normalizer):
+    tok = Tokenizer.from_str(bert.to_str())
+    tok.normalizer = normalizer
+    encoder = Encoder(tok)
+    assert encoder.unicode is not None
+    assert_same(encoder, tok, zh_texts[:2] + UNICODE_EDGES + TRICKY)
+    assert encoder.take("e\u0301" if "Bert" in repr(normalizer) else "İ ﷺ") is None
+    assert encoder.take("中文") is not None
+
+
+def test_no_unicode_path_where_the_rules_do_not_act_per_character(bert, gpt2, zh_texts):
+    nfc = Tokenizer.from_str(bert.to_str())
+    nfc.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])   # composes pairs
+    assert UnicodePath.build(nfc, AsciiPath.build(nfc)) is None and Encoder(nfc).ascii is not None
+    assert_same(Encoder(nfc), nfc, zh_texts[:1] + UNICODE_EDGES)
+    assert Encoder(gpt2).unicode is None                           # byte-level BPE: no BertPreTokenizer
+    assert_same(Encoder(gpt2), gpt2, zh_texts[:1] + UNICODE_EDGES)
+
+
+def test_an_added_token_the_normalizer_makes_out_of_other_text_takes_the_full_path(bert):
+    tok = Tokenizer.from_str(bert.to_str())
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
+    tok.add_tokens([AddedToken("élan", normalized=True)])              # matched in the normalized text
+    texts = ["ÉLAN 中文", "Élan", "élan", "elan 中文", "中文 ÉLA N"]
+    encoder = Encoder(tok)
+    assert [encoder.take(t) is None for t in texts] == [True, True, True, False, False]
+    assert_same(encoder, tok, texts)
