@@ -165,3 +165,28 @@ def test_cjk_characters_are_words_with_berts_tokenizer(bert_json):
     doc = TokDoc("zh", 0, ids, ws)
     assert pmi.count_positions([doc], 2) == {1: 9, 2: 8}   # "debian" and eight characters
     assert len(pmi.count_group([doc], 1)[0]) == len({tuple(w) for w in brute_words(doc)})
+
+
+@pytest.mark.slow
+def test_static_pmi_masks_stored_equal_the_loader_rule_on_the_stored_units(job, bert_json, sotu_subset, tmp_path):
+    import torch
+    from helpers import read_tar
+
+    from maskstream.loader.masking import MaskingConfig, Vocab, mask_batch
+    index = job([sotu_subset], bert_json, tmp_path / "s", "--local-mode", "in_memory", "--selection", "pmi",
+                "--pmi-min-count", 3, "--masking", "static", "--static-copies", 2, "--seed", 7, "--num-shards", 1)
+    members = collections.defaultdict(dict)
+    for name, data in read_tar(tmp_path / "s" / index["shards"][0]["name"]):
+        key, suffix = name.split(".", 1)
+        members[key][suffix] = data
+    for record in members.values():
+        block = fmt.decode_block(record, seq_len=index["seq_len"], vocab_size=index["tokenizer"]["vocab_size"],
+                                 static_copies=2)
+        for epoch in range(2):
+            inputs, labels = mask_batch(
+                torch.from_numpy(block.tokens.astype(np.int64)), torch.from_numpy(block.unit_starts),
+                torch.from_numpy(block.lengths.astype(np.int64)),
+                torch.from_numpy(block.uids.astype(np.uint64).view(np.int64)),  # a writable copy
+                seed=7, epoch=epoch, config=MaskingConfig(selection="pmi"), vocab=Vocab.from_index(index))
+            assert (block.static_selected[:, epoch] == (labels != -100).numpy()).all()
+            assert (block.static_inputs[:, epoch] == inputs.numpy()).all()
