@@ -1,11 +1,11 @@
 """`maskstream bench` / `make bench`: every benchmark in the project, then one table against the anchors."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
 from maskstream.bench.common import table
+from maskstream.flags import Parser
 
 # Each module has run(args) -> list[Row]; they are run in this order.
 SUITES = {
@@ -18,14 +18,15 @@ SUITES = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="maskstream bench", description=__doc__)
+    parser = Parser(prog="maskstream bench", description=__doc__)
     parser.add_argument("--only", choices=sorted(SUITES), action="append",
                         help="run just this suite (repeatable); default: all")
     parser.add_argument("--corpus", action="append", default=None,
-                        help="extra input corpus for the pipeline benchmark (repeatable)")
+                        help="extra input corpus for the pipeline benchmark (repeatable; default: the bundled "
+                             "SOTU corpus only)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="pipeline: runs of the job and its anchors, medians compared (default 3)")
+                        help="pipeline: runs of the job and its anchors, medians compared")
     parser.add_argument("--workdir", default=None, help="where to write shards (default: a temp dir)")
     args = parser.parse_args(argv)
     rows = []

@@ -12,20 +12,19 @@ DIR may be a local folder, a URL prefix (http(s)://, gs://, s3://) or a mixture 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import sys
 
 from maskstream.errors import UserError
+from maskstream.flags import Parser
 from maskstream.loader import format as fmt
 from maskstream.loader.masking import IGNORE_INDEX
 from maskstream.loader.stages import decode_record, read_record
 from maskstream.loader.storage import LocalSource, SourceError
 from maskstream.loader.stream import LoaderConfig, MLMLoader
-
-_U64 = (1 << 64) - 1
+from maskstream.loader.text import NEWLINE, dataset_tokenizer, decode_units, mask_marker, token_text, uid_text
 
 
 def summary(loader: MLMLoader) -> str:
@@ -128,52 +127,55 @@ def sequences(loader: MLMLoader, limit: int | None):
         for src, uid, ids, labels, attn in zip(sources, batch["uids"].tolist(), batch["input_ids"].tolist(),
                                                batch["labels"].tolist(), batch["attention_mask"].sum(1).tolist(),
                                                strict=True):
-            yield step, loader.source_names[src], uid & _U64, ids, labels, attn
+            yield step, loader.source_names[src], uid, ids, labels, attn
             n += 1
             if limit is not None and n >= limit:
                 return
         step += 1
 
 
-def render(ids, labels, length, id_to_token, kind: str, mask_id: int) -> str:
-    """One sequence for a person: [MASK/word] masked, {word->other} randomized, <word> kept but predicted."""
+def render(tokenizer, ids, labels, length: int, mask_id: int) -> str:
+    """One sequence for a person, decoded by the tokenizer's own decoder: [MASK/word] masked (in the tokenizer's
+    own mask token), {word->other} replaced by a random token, <word> kept but predicted."""
+    if tokenizer is None:   # no tokenizer file: ids, marked the same way
+        pairs = zip(ids[:length], labels[:length], strict=True)
+        return " ".join(f"#{x}" if y == IGNORE_INDEX else f"[#{x}/#{y}]" for x, y in pairs)
+    original = [y if y != IGNORE_INDEX else x for x, y in zip(ids[:length], labels[:length], strict=True)]
     out = []
-    for i, (x, y) in enumerate(zip(ids[:length], labels[:length], strict=False)):
-        piece = id_to_token(y if y != IGNORE_INDEX else x)
-        glue = piece.startswith("##") or (kind == "bpe" and not piece.startswith("Ġ"))
-        word = piece[2:] if piece.startswith("##") else piece.lstrip("Ġ") if kind == "bpe" else piece
-        if y != IGNORE_INDEX:
-            word = f"[MASK/{word}]" if x == mask_id else f"<{word}>" if x == y else \
-                f"{{{word}->{id_to_token(x).lstrip('Ġ')}}}"
-        out.append(word if glue and i else " " + word)
+    for unit in decode_units(tokenizer, original):
+        text = unit.text.replace("\n", NEWLINE)
+        predicted = [p for p in unit.positions if labels[p] != IGNORE_INDEX]
+        word = text.strip()
+        if not predicted or not word:
+            out.append(text)
+            continue
+        if any(ids[p] == mask_id for p in predicted):
+            word = mask_marker(tokenizer, mask_id, word)
+        elif any(ids[p] != labels[p] for p in predicted):
+            word = f"{{{word}->{''.join(token_text(tokenizer, ids[p]) for p in predicted)}}}"
+        else:
+            word = f"<{word}>"
+        out.append(text[: len(text) - len(text.lstrip())] + word)
     return "".join(out).strip()
 
 
-def _id_to_token(index: dict, path: str | None):
-    path = path or index.get("config", {}).get("tokenize", {}).get("tokenizer")
-    if path and os.path.exists(path):
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(path)
-        return lambda i: tok.id_to_token(i) or f"<{i}>"
-    print("(no tokenizer file found: showing ids; pass --tokenizer FILE for words)", file=sys.stderr)
-    return lambda i: f"#{i}"
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="maskstream inspect", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="maskstream inspect", description=__doc__)
     p.add_argument("dataset", help="shard folder or URL prefix holding index.json, or a mixture file (.json)")
     p.add_argument("--verify", action="store_true", help="check sha256, size and counts of every shard")
-    p.add_argument("--show", type=int, metavar="N", help="print N sequences with their masks marked")
-    p.add_argument("--dump-masks", metavar="FILE", help="write uid, input_ids, labels per sequence as JSON lines")
-    p.add_argument("--epoch", type=int, default=0, help="epoch whose order and masks to use (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="loader seed (order and dynamic masks; default 0)")
+    p.add_argument("--show", type=int, metavar="N", help="print N sequences as text, their masks marked "
+                   "(default: none; without --show, --verify or --dump-masks: the summary)")
+    p.add_argument("--dump-masks", metavar="FILE", help="write uid (16 hex digits), input_ids, labels per sequence "
+                   "as JSON lines (default: no dump)")
+    p.add_argument("--epoch", type=int, default=0, help="epoch whose order and masks to use")
+    p.add_argument("--seed", type=int, default=0, help="loader seed (order and dynamic masks)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (the output does not change)")
-    p.add_argument("--batch-size", type=int, default=1, help="loader batch size (default 1: nothing dropped)")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--limit", type=int, default=None, help="stop after N sequences")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json for --show (default: the one in the config)")
+    p.add_argument("--batch-size", type=int, default=1, help="loader batch size (1: nothing dropped)")
+    p.add_argument("--rank", type=int, default=0, help="this rank's share of the data, with --world-size")
+    p.add_argument("--world-size", type=int, default=1, help="ranks the data is split over")
+    p.add_argument("--limit", type=int, default=None, help="stop after N sequences (default: all)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json for --show (default: DIR/tokenizer.json, "
+                   "else the file index.json names)")
     args = p.parse_args(argv)
 
     cfg = LoaderConfig(batch_size=args.batch_size, seed=args.seed, num_workers=args.num_workers,
@@ -195,20 +197,23 @@ def main(argv=None) -> int:
             return 1
         print(f"all {sum(len(ds.index['shards']) for ds in loader.datasets)} shards verified")
     if args.show:
-        id_to_token = _id_to_token(loader.index, args.tokenizer)
-        kind, mask_id = loader.index["tokenizer"].get("kind", "wordpiece"), loader.vocab.mask_id
-        print(f"epoch {args.epoch}, seed {args.seed}: [MASK/w] masked, {{w->x}} random token, <w> kept, predicted")
+        tokenizer = dataset_tokenizer(str(loader.root), loader.index, args.tokenizer)
+        if tokenizer is None:
+            print("(no tokenizer file found: showing ids; pass --tokenizer FILE for text)", file=sys.stderr)
+        mask_id = loader.vocab.mask_id
+        marker = mask_marker(tokenizer, mask_id, "w") if tokenizer is not None else "[#mask/#w]"
+        print(f"epoch {args.epoch}, seed {args.seed}: {marker} masked, {{w->x}} random token, <w> kept, predicted")
         for _, source, uid, ids, labels, length in sequences(loader, args.show):
             origin = f", {source}" if loader.mixture else ""
-            print(f"\nuid {uid:016x} ({length} tokens, {sum(y != IGNORE_INDEX for y in labels)} to predict"
+            print(f"\nuid {uid_text(uid)} ({length} tokens, {sum(y != IGNORE_INDEX for y in labels)} to predict"
                   f"{origin})")
-            print(render(ids, labels, length, id_to_token, kind, mask_id))
+            print(render(tokenizer, ids, labels, length, mask_id))
         loader.set_epoch(args.epoch)
     if args.dump_masks:
         n = 0
         with open(args.dump_masks, "w") as f:
             for step, source, uid, ids, labels, _ in sequences(loader, args.limit):
-                line = {"step": step, "source": source, "uid": uid, "input_ids": ids, "labels": labels}
+                line = {"step": step, "source": source, "uid": uid_text(uid), "input_ids": ids, "labels": labels}
                 f.write(json.dumps(line, separators=(",", ":")) + "\n")
                 n += 1
         print(f"wrote {n} sequences of epoch {args.epoch} (rank {args.rank}/{args.world_size}) to {args.dump_masks}")

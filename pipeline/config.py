@@ -1,8 +1,10 @@
 """The Beam job's configuration: one frozen dataclass per stage, built from CLI flags in one place.
 
-`PipelineConfig` holds them all and is recorded whole in index.json. `PipelineConfig.data_hash()` covers only
-what changes the bytes of the output (inputs, tokenizer hash, packing, masking, sharding) and keys every uid,
-so the output does not depend on the output path, the runner or the number of workers.
+`PipelineConfig` holds them all and is recorded whole in index.json, local paths made absolute so a rerun
+from another folder finds them. `PipelineConfig.data_hash()` covers only what changes the bytes of the output
+(the inputs below their roots or --source-id, tokenizer hash, packing, masking, sharding) and keys every uid,
+so the output does not depend on where the corpus or output lie, how their paths are spelled, the runner or
+the number of workers.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def _fail(what: str, value, allowed: str, fix: str):
 class SourceConfig:
     """Which files to read and how to find the text in them."""
     inputs: tuple[str, ...]            # paths or globs, local or any Beam filesystem (gs://, s3://)
+    source_ids: tuple[str, ...] = ()   # one per input, or none: names keying its files' uids (readers.file keys)
     text_field: str = "text"           # JSONL field / Parquet column holding the document
     text_mode: str = "line"            # text files: "line" or "paragraph"
     max_doc_chars: int = 1_000_000     # longer documents are split into parts (then tokenized as one)
@@ -36,6 +39,9 @@ class SourceConfig:
     def __post_init__(self):
         if not self.inputs:
             _fail("inputs", self.inputs, "one or more paths or globs", "Pass --input PATH (repeatable).")
+        if self.source_ids and len(self.source_ids) != len(self.inputs):
+            _fail("source_ids", self.source_ids, f"none or one per input ({len(self.inputs)})",
+                  "Pass --source-id once per --input, in order.")
         if not self.text_field:
             _fail("text_field", self.text_field, "a field or column name", "Pass --text-field NAME.")
         if self.text_mode not in TEXT_MODES:
@@ -126,8 +132,11 @@ class PipelineConfig:
 
 def data_hash(config: dict) -> bytes:
     """16 bytes that change whenever the output bytes would; keys the uids. config: PipelineConfig.to_dict()."""
+    from maskstream.pipeline.readers import pattern_keys
     d = json.loads(json.dumps(config))
     d["tokenize"].pop("tokenizer")   # the file's sha256 counts, not where it lies
+    source = d["source"]             # the inputs below their roots count, not where they lie
+    source["inputs"] = pattern_keys(source["inputs"], source.pop("source_ids", ()))
     d["shard"].pop("output")
     # NOTE: the limit on hostile records decides only which lines are too_long rejects (counted, in rejects.jsonl);
     # it changes no byte of a sequence written, so it does not key the uids (and kept datasets keep their bytes)
@@ -144,6 +153,7 @@ def data_hash(config: dict) -> bytes:
 def config_from_args(args) -> PipelineConfig:
     """The one place where CLI flags become configs (pipeline/run.py's argparse namespace)."""
     from maskstream.loader.maskconfig import MaskingConfig
+    from maskstream.pipeline.readers import absolute
     selection = "word" if args.whole_word else args.selection
     masking = MaskingConfig(mask_prob=args.mask_prob, selection=selection)
     pmi = None
@@ -152,10 +162,11 @@ def config_from_args(args) -> PipelineConfig:
         pmi = PmiConfig(**{k: v for k, v in (("max_n", args.pmi_max_n), ("max_ngrams", args.pmi_max_ngrams),
                                              ("min_count", args.pmi_min_count)) if v is not None})
     return PipelineConfig(
-        source=SourceConfig(inputs=tuple(args.input), text_field=args.text_field, text_mode=args.text_mode,
-                            max_doc_chars=args.max_doc_chars, group_bytes=args.group_bytes,
+        source=SourceConfig(inputs=tuple(absolute(p) for p in args.input),
+                            source_ids=tuple(getattr(args, "source_id", None) or ()), text_field=args.text_field,
+                            text_mode=args.text_mode, max_doc_chars=args.max_doc_chars, group_bytes=args.group_bytes,
                             max_record_bytes=args.max_record_bytes),
-        tokenize=TokenizeConfig(tokenizer=args.tokenizer, tokenizer_sha256=args.tokenizer_sha256),
+        tokenize=TokenizeConfig(tokenizer=absolute(args.tokenizer), tokenizer_sha256=args.tokenizer_sha256),
         pack=PackConfig(seq_len=args.seq_len, packing=args.packing),
         shard=ShardConfig(output=args.output, num_shards=args.num_shards, block_bytes=args.block_bytes,
                           masking=args.masking, static_copies=args.static_copies, seed=args.seed),

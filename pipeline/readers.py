@@ -35,7 +35,7 @@ REASONS = (INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, NON_STRIN
 
 
 class Raw(NamedTuple):
-    source: str          # the file, as matched
+    source: str          # the file's key (see file_key): what uids hash, whatever the spelling of its path
     position: int        # line number (text, JSONL) or row number (Parquet), 0-based
     group: int           # pack group within the file
     fmt: str             # text | jsonl | parquet
@@ -70,28 +70,87 @@ def detect_format(path: str) -> str:
                      ".json .parquet (each optionally .gz). Rename the file.")
 
 
-def expand_inputs(patterns) -> list[tuple[str, int]]:
-    """(path, size) of every file the patterns match, sorted, no duplicates; fails on a pattern matching nothing."""
+class InputFile(NamedTuple):
+    path: str            # where to read it: absolute local path or URL
+    size: int            # bytes as stored
+    key: str             # [SOURCE_ID/]path below its pattern's root; keys the uids
+
+
+GLOB_CHARS = "*?["
+
+
+def split_root(pattern: str) -> tuple[str, str]:
+    """(root, rest): the pattern's fixed folder part (before the first component with a wildcard; a plain file's
+    folder) and the part below it. `data/x.jsonl` -> (`data`, `x.jsonl`); `corpus/*/a.txt` -> (`corpus`, `*/a.txt`)."""
+    parts = pattern.split("/")
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS)), len(parts) - 1)
+    return "/".join(parts[:fixed]), "/".join(parts[fixed:])
+
+
+def absolute(pattern: str) -> str:
+    """A local path or glob made absolute (URLs as they are): how index.json records an input."""
+    return pattern if "://" in pattern else os.path.abspath(pattern)
+
+
+def pattern_keys(patterns, source_ids=()) -> list[str]:
+    """What of each pattern keys the uids: [SOURCE_ID/]the part below its root. Part of the data hash, so a
+    dataset's uids and bytes do not depend on where the corpus lies or how its path is spelled."""
+    ids = tuple(source_ids) or ("",) * len(patterns)
+    return [f"{sid}/{split_root(p)[1]}" if sid else split_root(p)[1] for p, sid in zip(patterns, ids, strict=True)]
+
+
+def expand_inputs(patterns, source_ids=()) -> list[InputFile]:
+    """Every file the patterns match, sorted by path, no duplicates; fails on a pattern matching nothing and on
+    two files whose keys would collide."""
     from apache_beam.io.filesystems import FileSystems
-    files = {}
-    # NOTE: Beam's local filesystem matches nothing for a glob without a folder ('pg_*.jsonl'), so such a
-    # pattern is matched as './pg_*.jsonl' and the './' dropped again: paths stay as given (they key the uids)
-    bare = [p for p in patterns if "://" not in p and not os.path.dirname(p)]
-    matched = FileSystems.match([os.path.join(".", p) if p in bare else p for p in patterns])
-    for pattern, result in zip(patterns, matched, strict=False):
+    ids = tuple(source_ids) or ("",) * len(patterns)
+    if len(ids) != len(patterns):
+        raise UserError(f"{len(ids)} --source-id for {len(patterns)} --input; give one per --input, in order, "
+                        "or none")
+    full = [absolute(p) for p in patterns]   # NOTE: also makes a glob without a folder ('pg_*.jsonl') matchable
+    files, owner = {}, {}
+    for pattern, given, sid, result in zip(full, patterns, ids, FileSystems.match(full), strict=True):
         if not result.metadata_list:
-            where = f" (in {os.path.abspath(os.path.dirname(pattern) or '.')})" if "://" not in pattern else ""
-            raise MissingPath(f"--input {pattern} matches no file{where}; check the path and the file names")
+            where = f" (in {os.path.dirname(pattern)})" if "://" not in pattern else ""
+            raise MissingPath(f"--input {given} matches no file{where}; check the path and the file names")
+        root = split_root(pattern)[0]
         for md in result.metadata_list:
-            path = md.path.removeprefix("./") if pattern in bare else md.path
-            detect_format(path)
-            files[path] = md.size_in_bytes
-    return sorted(files.items())
+            detect_format(md.path)
+            if md.path in files:
+                continue
+            rel = md.path[len(root):].lstrip("/") if root else md.path
+            key = f"{sid}/{rel}" if sid else rel
+            if key in owner:
+                raise UserError(f"--input {owner[key]} and {md.path} would both be keyed {key!r} (uids hash a file's "
+                                "path below its input's folder); give each --input a --source-id, or one glob over "
+                                "their common folder")
+            owner[key] = md.path
+            files[md.path] = InputFile(md.path, md.size_in_bytes, key)
+    return sorted(files.values())
+
+
+def text_size(path: str, stored: int) -> int:
+    """The bytes a reader will go through: a local .gz file's uncompressed size (its gzip trailer, modulo 4 GiB),
+    else the size as stored (an estimate for Parquet and remote .gz). For progress totals."""
+    if path.endswith(".gz") and "://" not in path and stored >= 18:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return int.from_bytes(f.read(4), "little")
+    return stored
 
 
 def _open(path: str):
     from apache_beam.io.filesystems import CompressionTypes, FileSystems
     return FileSystems.open(path, compression_type=CompressionTypes.AUTO)
+
+
+def record_bytes(raw: Raw) -> int:
+    """The bytes a record took in its file (a text or JSONL line with its line ending): progress counts."""
+    if raw.fmt in (UNREADABLE, TOO_LONG):   # no data held (a skipped line's size is only in its reject detail)
+        return 0
+    if isinstance(raw.data, bytes):
+        return len(raw.data) + 1
+    return len(raw.data.encode()) if isinstance(raw.data, str) else 1
 
 
 class TooLong(NamedTuple):
@@ -243,29 +302,30 @@ READERS = {"jsonl": _read_lines, "parquet": _read_parquet}
 TEXT_READERS = {"line": _read_lines, "paragraph": _read_paragraphs}
 
 
-def iter_raw_records(path: str, source) -> Iterator[Raw]:
-    """The file's records; when reading fails part way, a last record of format UNREADABLE carries the error
-    (Clean makes it a reject), so what was read is kept and the failure is counted, not a crash."""
+def iter_raw_records(path: str, source, key: str | None = None) -> Iterator[Raw]:
+    """The file's records (Raw.source = key, default the path); when reading fails part way, a last record of
+    format UNREADABLE carries the error (Clean makes it a reject), so what was read is kept and the failure is
+    counted, not a crash."""
     fmt = detect_format(path)
     reader = TEXT_READERS[source.text_mode] if fmt == "text" else READERS[fmt]
-    position, group = -1, 0
+    position, group, key = -1, 0, key or path
     try:
         for position, group, data in _grouped(reader(path, source), source.group_bytes):
             if isinstance(data, TooLong):
-                yield Raw(path, position, group, TOO_LONG, f"{data.size:,} bytes, over --max-record-bytes "
+                yield Raw(key, position, group, TOO_LONG, f"{data.size:,} bytes, over --max-record-bytes "
                                                            f"{source.max_record_bytes:,}; not read into memory")
             else:
-                yield Raw(path, position, group, fmt, data)
+                yield Raw(key, position, group, fmt, data)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 -- a damaged file is one reject, not the end of the job
-        yield Raw(path, position + 1, group, UNREADABLE, f"the rest of the file was not read: {error_detail(e)}")
+        yield Raw(key, position + 1, group, UNREADABLE, f"the rest of the file was not read: {error_detail(e)}")
 
 
-def iter_raw_groups(path: str, source) -> Iterator[list[Raw]]:
+def iter_raw_groups(path: str, source, key: str | None = None) -> Iterator[list[Raw]]:
     """The file's records, a list per pack group, in order (groups are consecutive records)."""
     group: list[Raw] = []
-    for raw in iter_raw_records(path, source):
+    for raw in iter_raw_records(path, source, key):
         if group and raw.group != group[0].group:
             yield group
             group = []

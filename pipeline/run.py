@@ -28,6 +28,7 @@ import sys
 import time
 
 from maskstream.errors import UserError
+from maskstream.flags import Parser
 from maskstream.loader.maskconfig import SELECTIONS
 from maskstream.pipeline.config import MASKINGS, PACKINGS, TEXT_MODES, config_from_args
 from maskstream.pipeline.dask_runner import dask_runner, is_dask, register_options
@@ -41,29 +42,35 @@ AUTO_IN_MEMORY_CORES = 2               # auto: one process with Rust threads up 
 AUTO_IN_MEMORY_BYTES = 64 << 20        # ... or for inputs up to this size on more cores
 
 
-def parser(cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
+def parser(cls=Parser) -> argparse.ArgumentParser:
     """The flags of maskstream; `cls` lets the Python API (maskstream.api) raise where the CLI prints usage."""
     # NOTE: each hyphenated flag also has an underscore spelling, the form Dataflow flex templates pass.
     p = cls(prog="maskstream preprocess", description=__doc__.split("\n")[0],
-                                epilog="Unknown flags go to Beam's PipelineOptions (e.g. --runner, --project).")
+            epilog="Unknown flags go to Beam's PipelineOptions (e.g. --runner, --project).")
     p.add_argument("--input", action="extend", nargs="+", required=True,
                    help="file or glob, local or gs:// s3:// (repeatable); .txt .jsonl .parquet, optionally .gz")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (see `maskstream tokenizer`)")
     p.add_argument("--output", required=True, help="output folder or URL prefix")
+    p.add_argument("--source-id", "--source_id", action="append", default=None, metavar="ID",
+                   help="a name keying the uids of one --input's files, once per --input in order (default: each "
+                        "file's path below its input's folder, so the bytes do not depend on where the corpus lies)")
     p.add_argument("--text-field", "--text-column", "--text_field", "--text_column", dest="text_field", default="text",
-                   help="JSONL field / Parquet column holding the text (default: text)")
+                   help="JSONL field / Parquet column holding the text")
     p.add_argument("--text-mode", "--text_mode", choices=TEXT_MODES, default="line",
                    help="text files: a document per line, or per blank-line separated paragraph")
-    p.add_argument("--seq-len", "--seq_len", type=int, default=128)
+    p.add_argument("--seq-len", "--seq_len", type=int, default=128,
+                   help="tokens per sequence, the tokenizer's specials included")
     p.add_argument("--packing", choices=PACKINGS, default="full",
                    help="full: documents concatenated (RoBERTa); doc: a sequence never crosses a document")
     p.add_argument("--masking", choices=MASKINGS, default="dynamic",
                    help="dynamic: the loader masks every epoch; static: K masks stored per sequence")
     p.add_argument("--static-copies", "--static_copies", type=int, default=None,
                    help="K, with --masking static (default 10)")
-    p.add_argument("--mask-prob", "--mask_prob", type=float, default=0.15)
+    p.add_argument("--mask-prob", "--mask_prob", type=float, default=0.15,
+                   help="share of tokens masked (recorded in index.json; used for static masks)")
     p.add_argument("--selection", choices=SELECTIONS, default="token",
-                   help="pmi: PMI n-grams masked whole (Levine et al. 2021); the job finds them (see --pmi-*)")
+                   help="what a mask covers: single tokens, whole words, spans of words, or pmi: PMI n-grams "
+                        "whole (Levine et al. 2021), found by the job (see --pmi-*)")
     p.add_argument("--pmi-max-ngrams", "--pmi_max_ngrams", type=int, default=None,
                    help="--selection pmi: most n-grams kept, half of them bigrams (default 20000)")
     p.add_argument("--pmi-min-count", "--pmi_min_count", type=int, default=None,
@@ -71,8 +78,8 @@ def parser(cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--pmi-max-n", "--pmi_max_n", type=int, default=None,
                    help="--selection pmi: longest n-gram in words (default 5)")
     p.add_argument("--whole-word", "--whole_word", action="store_true", help="same as --selection word")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-shards", "--num_shards", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="keys the static masks")
+    p.add_argument("--num-shards", "--num_shards", type=int, default=8, help="shard files to write")
     p.add_argument("--block-bytes", "--block_bytes", type=int, default=256 * 1024, help="token bytes per tar record")
     p.add_argument("--max-doc-chars", "--max_doc_chars", type=int, default=1_000_000,
                    help="longer documents are split into parts before tokenizing (never a crash)")
@@ -96,13 +103,13 @@ def parser(cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--minhash-rows", "--minhash_rows", type=int, default=DedupConfig.rows)
     p.add_argument("--minhash-threshold", "--minhash_threshold", type=float, default=DedupConfig.threshold,
                    help="candidates are dropped at estimated Jaccard similarity >= this")
-    p.add_argument("--quiet", action="store_true", help="no summary")
+    p.add_argument("--quiet", action="store_true", help="no progress and no summary")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what --output holds when it is another dataset or holds files not its own")
     return p
 
 
-def parse(argv, *, parser_class=argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+def parse(argv, *, parser_class=Parser) -> tuple[argparse.Namespace, list[str]]:
     p = parser(parser_class)
     args, beam_args = p.parse_known_args(argv)
     if args.whole_word and args.selection != "token":
@@ -197,7 +204,7 @@ def prepare(args):
     if config.pack.seq_len <= len(info.prefix) + len(info.suffix):
         raise UserError(f"--seq-len {config.pack.seq_len} leaves no room between the tokenizer's specials; "
                         "pass a larger --seq-len, e.g. 128")
-    inputs = expand_inputs(config.source.inputs)
+    inputs = expand_inputs(config.source.inputs, config.source.source_ids)
     return config, info, text, inputs
 
 
@@ -243,7 +250,7 @@ def run_job(args, beam_args, config, info, text, inputs):
 
     from maskstream.pipeline import progress, transforms
     options, runner = pipeline_options(beam_args, local_mode=args.local_mode,
-                                       input_bytes=sum(n for _, n in inputs), files=len(inputs))
+                                       input_bytes=sum(f.size for f in inputs), files=len(inputs))
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
     on_dask = is_dask(options.view_as(StandardOptions).runner)
     local = runner is not None and not on_dask
@@ -252,8 +259,9 @@ def run_job(args, beam_args, config, info, text, inputs):
     local_path = os.path.abspath(args.tokenizer) if "://" not in args.tokenizer else args.tokenizer
     transforms.build(p, config=config, info=info, tokenizer_json=text, inputs=inputs, threads=threads,
                      tokenizer_path=local_path if local else None)   # local workers read it themselves
-    with progress.Bar(None, enabled=local and not args.quiet and sys.stderr.isatty(),
-                      desc="tokenized chars"):
+    from maskstream.pipeline.readers import text_size
+    with progress.Bar(sum(text_size(f.path, f.size) for f in inputs), enabled=local and not args.quiet,
+                      desc="read"):
         # NOTE: on Dask, Beam's default round trip through the runner API (every transform pickled, bz2'd and
         # rebuilt; the job runs from Python objects either way) took 12 of 18 s on 3 documents
         result = p.run(test_runner_api=False if on_dask else "AUTO")
@@ -266,7 +274,7 @@ def builds_only(beam_args) -> bool:
     return bool(options.view_as(TestOptions).dry_run or options.view_as(GoogleCloudOptions).template_location)
 
 
-def run(argv=None, *, swap: bool | None = None, parser_class=argparse.ArgumentParser) -> dict:
+def run(argv=None, *, swap: bool | None = None, parser_class=Parser) -> dict:
     """Run the job into a staging folder and put the verified dataset in place; returns its index.json dict.
 
     swap: None picks (see pipeline/staging.py); False forces the in-place commit (tests)."""
@@ -278,7 +286,7 @@ def run(argv=None, *, swap: bool | None = None, parser_class=argparse.ArgumentPa
     check_beam_flags(beam_args)
     config, info, text, inputs = prepare(args)
     output = config.shard.output
-    staging.refuse_inputs_inside(output, [path for path, _ in inputs])      # before anything is touched
+    staging.refuse_inputs_inside(output, [f.path for f in inputs])      # before anything is touched
     if builds_only(beam_args):      # nothing runs: touch nothing, but refuse what a real run would refuse
         shards.check_output(output, config.to_dict(), overwrite=args.overwrite)
         run_job(args, beam_args, config, info, text, inputs)
@@ -293,7 +301,7 @@ def run(argv=None, *, swap: bool | None = None, parser_class=argparse.ArgumentPa
         foreign = shards.check_output(output, config.to_dict(), overwrite=args.overwrite)
         start = time.perf_counter()
         if not args.quiet:
-            print(f"preprocess: {len(inputs)} file(s), {sum(n for _, n in inputs) / 1e6:.1f} MB -> {output}",
+            print(f"preprocess: {len(inputs)} file(s), {sum(f.size for f in inputs) / 1e6:.1f} MB -> {output}",
                   file=sys.stderr, flush=True)
         job = dataclasses.replace(config, shard=dataclasses.replace(config.shard, output=layout.staging))
         try:

@@ -166,7 +166,8 @@ def build_index(*, entries, stats: dict, documents_read: int, rejects_by_reason:
         entries=entries, counts=counts, seq_len=config["pack"]["seq_len"], packing=config["pack"]["packing"],
         tokenizer={**info.to_index(), "file": TOKENIZER_FILE}, masking_mode=config["shard"]["masking"],
         static_copies=config["shard"]["static_copies"], masking_seed=config["shard"]["seed"],
-        masking_config=config["masking"], config=config, inputs=[{"path": p, "bytes": n} for p, n in inputs],
+        masking_config=config["masking"], config=config,
+        inputs=[{"path": f.path, "key": f.key, "bytes": f.size} for f in inputs],
         rejects=f"{REJECTS_DIR}/{REJECTS_FILE}", **({"units": units} if units else {}))
 
 

@@ -21,6 +21,7 @@ import zlib
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from maskstream.errors import MissingPath, UserError
+from maskstream.flags import Parser
 
 # kind -> (special tokens in id order, pad, unk, cls/bos, sep/eos, mask)
 SPECIALS = {
@@ -173,27 +174,32 @@ def train(texts, *, kind: str, vocab_size: int) -> Tokenizer:
 
 
 def sample_texts(paths: list[str], *, text_field: str, sample_bytes: int, progress: bool = True):
-    """Documents of the inputs (globs expanded), at most sample_bytes of text, split evenly over the files."""
+    """Documents of the inputs (globs expanded); with sample_bytes, each file is read up to its even share of
+    sample_bytes (bytes read, so the progress bar's total is known before reading: the bytes it will read)."""
     from tqdm import tqdm
 
     from maskstream.pipeline.config import SourceConfig
-    from maskstream.pipeline.readers import clean_record, expand_inputs, iter_raw_records
+    from maskstream.pipeline.readers import clean_record, expand_inputs, iter_raw_records, record_bytes, text_size
     source = SourceConfig(inputs=tuple(paths), text_field=text_field)
     files = expand_inputs(source.inputs)
     budget = sample_bytes // len(files) if sample_bytes else None
-    # NOTE: sizes on disk are compressed sizes for .gz/.parquet, so without a budget the total is unknown
-    bar = tqdm(total=sample_bytes or None, unit="B", unit_scale=True, desc="reading text", disable=not progress)
-    for path, _ in files:
+    sizes = [text_size(f.path, f.size) for f in files]
+    will_read = [min(n, budget) if budget is not None else n for n in sizes]
+    bar = tqdm(total=sum(will_read), unit="B", unit_scale=True, desc="reading text", disable=not progress)
+    for file, planned in zip(files, will_read, strict=True):
         used = 0
-        for raw in iter_raw_records(path, source):
+        for raw in iter_raw_records(file.path, source):
+            n = record_bytes(raw)
+            used += n
+            bar.update(n)
             out = clean_record(raw, source)
             if isinstance(out, list):
-                for doc in out:
-                    used += len(doc.text.encode())
-                    bar.update(len(doc.text.encode()))
-                    yield doc.text
+                yield from (doc.text for doc in out)
             if budget is not None and used >= budget:
                 break
+        if used != planned:  # an estimate (Parquet, remote .gz) or a last record past the share: the true count
+            bar.total += used - planned
+            bar.refresh()
     bar.close()
 
 
@@ -210,27 +216,28 @@ def convert_gpt2(vocab_path: str, merges_path: str) -> Tokenizer:
     return tok
 
 
-def parser(cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
+def parser(cls=Parser) -> argparse.ArgumentParser:
     """The flags of `maskstream tokenizer`; `cls` lets the Python API (maskstream.api) raise where the CLI
     prints usage."""
     parser = cls(prog="maskstream tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a tokenizer on text/JSONL/Parquet inputs")
     t.add_argument("--input", nargs="+", action="extend", required=True, help="paths or globs (repeatable)")
-    t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--kind", choices=sorted(SPECIALS), default="wordpiece")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, specials included")
+    t.add_argument("--kind", choices=sorted(SPECIALS), default="wordpiece",
+                   help="wordpiece: BERT-style, lower-cased; bpe: RoBERTa-style byte-level BPE")
     t.add_argument("--out", required=True, help="tokenizer.json to write")
-    t.add_argument("--text-field", default="text", help="JSONL field / Parquet column (default: text)")
+    t.add_argument("--text-field", default="text", help="JSONL field / Parquet column")
     t.add_argument("--sample-bytes", type=int, default=200_000_000,
-                   help="train on at most this much text, split evenly over the files (0 = all)")
+                   help="read at most this many bytes of the inputs, split evenly over the files (0 = all)")
     c = sub.add_parser("convert", help="GPT-2 vocab.json + merges.txt -> tokenizer.json with <s> <pad> </s> <mask>")
-    c.add_argument("--vocab", required=True)
-    c.add_argument("--merges", required=True)
-    c.add_argument("--out", required=True)
+    c.add_argument("--vocab", required=True, help="GPT-2 vocab.json")
+    c.add_argument("--merges", required=True, help="GPT-2 merges.txt")
+    c.add_argument("--out", required=True, help="tokenizer.json to write")
     return parser
 
 
-def run(argv=None, *, parser_class=argparse.ArgumentParser) -> tuple[str, TokenizerInfo]:
+def run(argv=None, *, parser_class=Parser) -> tuple[str, TokenizerInfo]:
     """Train or convert as the flags say, save to --out; returns that path and the saved tokenizer's facts."""
     p = parser(parser_class)
     args = p.parse_args(argv)

@@ -65,19 +65,25 @@ class _ReadFile(beam.DoFn):
         self.read = Metrics.counter(NS, "documents_read")
         self.bytes = Metrics.counter(NS, "bytes_read")
 
-    def process(self, path):
+    def setup(self):
+        self.progress = progress.Reporter()   # local runner only: input bytes read, for the launcher's bar
+
+    def process(self, file):
+        path, key = file
         n = size = 0
-        for group in readers.iter_raw_groups(path, self.source):
+        for group in readers.iter_raw_groups(path, self.source, key):
             n += len(group)
             size += sum(len(r.data) if isinstance(r.data, (bytes, str)) else 1 for r in group)
-            yield DATA, ((path, group[0].group), group)
+            self.progress.add(sum(readers.record_bytes(r) for r in group))
+            yield DATA, ((key, group[0].group), group)
         self.read.inc(n)
         self.bytes.inc(size)
         yield STATS, {"documents_read": n, "bytes_read": size, "files": 1}
 
 
 class ReadDocuments(beam.PTransform):
-    """Matched input files -> DATA ((source, group), [Raw]) pack groups of records; STATS per-file counts."""
+    """Matched input files (path, key) -> DATA ((key, group), [Raw]) pack groups of records; STATS per-file
+    counts."""
     def __init__(self, files: list[str], source):
         super().__init__()
         self.files, self.source = files, source
@@ -139,7 +145,6 @@ class _Tokenize(beam.DoFn):
         from maskstream.pipeline.tokenizer import tokenizer_from_json
         self.encoder = Encoder(tokenizer_from_json(self.tokenizer.text()))
         self.ahead = ThreadPoolExecutor(AHEAD, thread_name_prefix="tokenize") if self.threads else None
-        self.progress = progress.Reporter()   # local runner only
 
     def teardown(self):
         if getattr(self, "ahead", None) is not None:
@@ -168,7 +173,6 @@ class _Tokenize(beam.DoFn):
             self.buffer, self.buffered = [], 0
         while len(self.pending) > (0 if last or self.ahead is None else AHEAD):
             buffer, results, done = self.pending.popleft().result()
-            self.progress.add(done)
             for (key, _), (tokdocs, rejects) in zip(buffer, results, strict=False):
                 for r in rejects:
                     self.rejected[r.reason].inc()
@@ -369,7 +373,7 @@ def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]]
     tokenizer_path: where workers can read tokenizer_json themselves (the local runner); None: carried inline."""
     from maskstream.pipeline.curation import curate
     tokenizer = TokenizerRef.of(tokenizer_json, path=tokenizer_path)
-    read = p | "ReadDocuments" >> ReadDocuments([path for path, _ in inputs], config.source)
+    read = p | "ReadDocuments" >> ReadDocuments([(f.path, f.key) for f in inputs], config.source)
     clean = read | "Records" >> Data() | "Clean" >> Clean(config.source)
     docs, curated = curate(clean | "Docs" >> Data(), config)
     tok = docs | "Tokenize" >> Tokenize(tokenizer, threads=threads)

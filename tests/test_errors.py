@@ -90,7 +90,7 @@ def test_a_glob_without_a_folder_matches_in_the_working_directory(capsys, monkey
     from maskstream.pipeline.readers import expand_inputs
     (tmp_path / "pg_1.jsonl").write_text('{"text": "a"}\n')
     monkeypatch.chdir(tmp_path)
-    assert expand_inputs(["pg_*.jsonl"]) == [("pg_1.jsonl", 14)]
+    assert expand_inputs(["pg_*.jsonl"]) == [(str(tmp_path / "pg_1.jsonl"), 14, "pg_1.jsonl")]
     with pytest.raises(UserError, match=f"pg_.*txt matches no file \\(in {tmp_path}\\)"):
         expand_inputs(["pg_*.txt"])
 

@@ -1,12 +1,13 @@
 """Held-out evaluation under a fixed mask, the unigram baseline, and fill-mask predictions from a run folder.
 
-`maskstream evaluate --run RUN --data DIR` and `maskstream fill-mask --run RUN "text with [MASK]"`.
+`maskstream evaluate --run RUN --data DIR` (a table; --json for machines) and `maskstream fill-mask --run RUN
+"text with [MASK]"` (or <mask>: either spelling stands for the tokenizer's own mask token). Tokens are shown as
+the tokenizer's decoder writes them.
 The evaluation mask is the masking rule at (EVAL_SEED, epoch 0): every run, every checkpoint and every
 masking mode is scored on the same positions, so the numbers compare.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -17,9 +18,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from maskstream.errors import MissingPath, UserError
+from maskstream.flags import Parser
 from maskstream.loader import documents
 from maskstream.loader.maskconfig import IGNORE_INDEX
 from maskstream.loader.stream import LoaderConfig, MLMLoader
+from maskstream.loader.text import token_text
 from maskstream.trainer import checkpoint
 from maskstream.trainer.model import MLMEncoder, ModelConfig
 
@@ -45,19 +48,25 @@ def check_tokenizer(expected: dict | None, source: str, loader: MLMLoader, what:
 
 @torch.no_grad()
 def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, world: int = 1,
-             max_batches: int = 0, attention: str = "full") -> dict:
-    """Held-out MLM loss (nats), masked-token accuracy, perplexity and the number of predictions.
+             max_batches: int = 0, attention: str = "full", progress: bool = False) -> dict:
+    """Held-out MLM loss (nats), masked-token accuracy, perplexity and the number of predictions; progress: a bar
+    over the batches it will score.
 
     attention: the run's --attention (doc: documents packed in a row attend only within themselves).
     """
+    from tqdm import tqdm
+
     was_training = model.training
     model.eval()
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     loader.set_epoch(0)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, predictions
+    total = min(max_batches, loader.batches_per_epoch) if max_batches else loader.batches_per_epoch
+    bar = tqdm(total=total, desc="evaluate", unit="batch", leave=False, disable=not progress)
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
+        bar.update(1)
         with amp:
             logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
                               **documents.attention_inputs(batch, attention))
@@ -65,6 +74,7 @@ def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, worl
         sums[0] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
         sums[1] += (logits.argmax(dim=-1) == targets).sum()
         sums[2] += targets.numel()
+    bar.close()
     if world > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     model.train(was_training)
@@ -76,11 +86,14 @@ def evaluate(model: MLMEncoder, loader: MLMLoader, *, device: torch.device, worl
 
 
 @torch.no_grad()
-def token_counts(loader: MLMLoader, vocab_size: int, special_ids) -> torch.Tensor:
+def token_counts(loader: MLMLoader, vocab_size: int, special_ids, *, progress: bool = False) -> torch.Tensor:
     """(V,) int64 counts of the non-special tokens in one epoch of a loader (original ids, not masked ones)."""
+    from tqdm import tqdm
+
     counts = torch.zeros(vocab_size, dtype=torch.int64)
     loader.set_epoch(0)
-    for batch in loader:
+    for batch in tqdm(loader, total=loader.batches_per_epoch, desc="count tokens", unit="batch", leave=False,
+                      disable=not progress):
         labels, ids = batch["labels"].cpu(), batch["input_ids"].cpu()
         original = torch.where(labels != IGNORE_INDEX, labels, ids)[batch["attention_mask"].cpu()]
         counts += torch.bincount(original, minlength=vocab_size)
@@ -89,11 +102,11 @@ def token_counts(loader: MLMLoader, vocab_size: int, special_ids) -> torch.Tenso
 
 
 @torch.no_grad()
-def unigram_baseline(train_loader: MLMLoader, held_out: MLMLoader) -> dict:
+def unigram_baseline(train_loader: MLMLoader, held_out: MLMLoader, *, progress: bool = False) -> dict:
     """Scores of a model that ignores context: always the most frequent training token (accuracy), and the
     training unigram distribution (loss), on the held-out fixed-mask positions."""
     vocab = train_loader.vocab
-    counts = token_counts(train_loader, vocab.size, vocab.special_ids)
+    counts = token_counts(train_loader, vocab.size, vocab.special_ids, progress=progress)
     top = int(counts.argmax())
     logp = torch.log((counts.double() + 0.5) / (counts.sum() + 0.5 * vocab.size))  # add-half smoothing
     held_out.set_epoch(0)
@@ -140,39 +153,55 @@ def load_tokenizer(run_dir: str | Path):
     return Tokenizer.from_file(str(path))
 
 
+MASK_SPELLINGS = ("[MASK]", "<mask>")   # what a user may write for the mask, whatever the tokenizer's own is
+
+
 @torch.no_grad()
 def fill_mask(model: MLMEncoder, tokenizer, vocab: dict, text: str, *, top_k: int = 5) -> list[list[tuple]]:
-    """For each [MASK] in text, the top_k (token, probability) predictions."""
+    """For each mask in text, the top_k (word as text, probability) predictions."""
     mask_token = tokenizer.id_to_token(vocab["mask_id"])
-    ids = tokenizer.encode(text.replace("[MASK]", mask_token)).ids[: model.config.max_len]
+    for spelling in MASK_SPELLINGS:
+        text = text.replace(spelling, mask_token)
+    ids = tokenizer.encode(text).ids[: model.config.max_len]
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)
     where = (input_ids[0] == vocab["mask_id"]).nonzero().squeeze(1)
     if where.numel() == 0:
-        raise UserError(f"no {mask_token} in {text!r}; write [MASK] where a word should be predicted")
+        raise UserError(f"no {mask_token} in {text!r}; write {mask_token} (or [MASK]) where a word should be "
+                        "predicted")
     logits, _ = model(input_ids, torch.ones_like(input_ids, dtype=torch.bool))
     probs = logits[0, where].float().softmax(dim=-1)  # (M, V)
     special = torch.tensor(vocab["special_ids"], device=probs.device)
     probs[:, special] = 0.0  # a special token is never a word
     top = probs.topk(top_k, dim=-1)
-    return [[(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(ps, is_, strict=False)]
+    return [[(token_text(tokenizer, int(i)), float(p)) for p, i in zip(ps, is_, strict=False)]
             for ps, is_ in zip(top.values, top.indices, strict=False)]
 
 
-def format_predictions(text: str, predictions: list[list[tuple]]) -> str:
+def format_predictions(text: str, predictions: list[list[tuple]], mask_token: str = "[MASK]") -> str:
     lines = [text]
     for n, preds in enumerate(predictions, 1):
-        lines.append(f"  [MASK] {n}: " + "  ".join(f"{tok} ({p:.2f})" for tok, p in preds))
+        lines.append(f"  {mask_token} {n}: " + "  ".join(f"{tok} ({p:.2f})" for tok, p in preds))
+    return "\n".join(lines)
+
+
+def format_table(rows: list[tuple[str, dict]], title: str) -> str:
+    """Held-out figures as a small table: a row per (name, evaluate()-like dict with accuracy and loss)."""
+    lines = [title, f"  {'':32} {'accuracy':>9} {'MLM loss':>9} {'perplexity':>11}"]
+    for name, r in rows:
+        lines.append(f"  {name:32} {r['accuracy']:>9.1%} {r['loss']:>9.3f} {math.exp(min(r['loss'], 50.0)):>11.1f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="maskstream evaluate", description="held-out MLM loss and accuracy of a run "
-                                "under the fixed evaluation mask")
+    p = Parser(prog="maskstream evaluate", description="held-out MLM loss and accuracy of a run under the fixed "
+               "evaluation mask")
     p.add_argument("--run", required=True, help="run folder written by `maskstream train`")
     p.add_argument("--data", required=True, help="held-out shard folder")
-    p.add_argument("--baseline-data", default=None, help="training shards: also score the unigram baseline")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--baseline-data", default=None, help="training shards: also score the unigram baseline "
+                   "(default: no baseline)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per evaluation batch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     a = p.parse_args(argv)
     model, config = load_run(a.run, device=a.device)
     run_tokenizer = config.get("dataset", {}).get("tokenizer")
@@ -182,27 +211,42 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--data {a.data} holds sequences of {held_out.seq_len} tokens but the model of {a.run} "
                         f"accepts at most {model.config.max_len}; preprocess it with --seq-len "
                         f"{model.config.max_len} or less")
-    result = {"run": a.run, "data": a.data, **evaluate(model, held_out, device=torch.device(a.device),
-                                                       attention=run_attention(config))}
-    if a.baseline_data:
+    train = None
+    if a.baseline_data:   # checked before anything is computed
         train = MLMLoader(a.baseline_data, LoaderConfig(batch_size=a.batch_size, remainder="wrap"),
                           device=a.device)
         check_tokenizer(run_tokenizer, f"the run {a.run}", train, "--baseline-data")
-        result["unigram"] = unigram_baseline(train, held_out)
-    print(json.dumps(result, indent=2))
+    result = {"run": a.run, "data": a.data, **evaluate(model, held_out, device=torch.device(a.device),
+                                                     attention=run_attention(config), progress=not a.json)}
+    rows = []
+    if train is not None:
+        base = unigram_baseline(train, held_out, progress=not a.json)
+        tokenizer = load_tokenizer(a.run) if (Path(a.run) / "tokenizer.json").is_file() else None
+        base["token"] = token_text(tokenizer, base["token_id"]) if tokenizer else f"#{base['token_id']}"
+        result["unigram"] = base
+        rows.append((f"unigram baseline ({base['token']!r})", base))
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    step = config.get("total_steps")
+    rows.append((f"{config['train']['model_size']} encoder" + (f", {step:,} steps" if step else ""), result))
+    print(format_table(rows, f"held-out masked-token prediction on {a.data} ({result['predictions']:,} masked "
+                             "positions, fixed mask):"))
     return 0
 
 
 def fill_mask_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="maskstream fill-mask", description="predict the [MASK] words of a sentence")
+    p = Parser(prog="maskstream fill-mask", description="predict the masked words of a sentence ([MASK] or <mask>)")
     p.add_argument("--run", required=True, help="run folder written by `maskstream train`")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="predictions shown per mask")
     p.add_argument("text", nargs="+", help='one or more sentences, e.g. "the [MASK] of the union"')
     a = p.parse_args(argv)
     model, config = load_run(a.run)
     tokenizer = load_tokenizer(a.run)
+    mask_token = tokenizer.id_to_token(config["vocab"]["mask_id"])
     for text in a.text:
-        print(format_predictions(text, fill_mask(model, tokenizer, config["vocab"], text, top_k=a.top_k)))
+        predictions = fill_mask(model, tokenizer, config["vocab"], text, top_k=a.top_k)
+        print(format_predictions(text, predictions, mask_token))
     return 0
 
 

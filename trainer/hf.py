@@ -15,7 +15,6 @@ This module is the one place that imports transformers; the rest of maskstream n
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -26,6 +25,7 @@ import transformers
 from torch import Tensor, nn
 
 from maskstream.errors import MissingPath, UserError
+from maskstream.flags import Parser
 from maskstream.loader.maskconfig import IGNORE_INDEX
 from maskstream.trainer.model import MLMEncoder
 
@@ -195,8 +195,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="maskstream export-hf", description="a run as a folder transformers loads "
-                                "(from_pretrained, pipeline('fill-mask')): safetensors weights and the tokenizer")
+    p = Parser(prog="maskstream export-hf", description="a run as a folder transformers loads "
+               "(from_pretrained, pipeline('fill-mask')): safetensors weights and the tokenizer")
     p.add_argument("--run", required=True, help="run folder written by `maskstream train`")
     p.add_argument("--out", default=None, help="folder to write (default: RUN/hf)")
     a = p.parse_args(argv)

@@ -98,7 +98,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # ---- document-aware attention -----------------------------------------------------------------------------
 # A packed row holds several documents; with document_ids (B, L) a query attends only to the real keys of its
-# own document, so a packed row gives what running each document alone gives (tests/trainer/test_documents.py).
+# own document, so a packed row gives what running each document alone gives (tests/trainer/test_doc_attention.py).
 # Padded queries attend to themselves only: no row of the mask is empty (an empty row is NaN in SDPA), and
 # their outputs are never read.
 

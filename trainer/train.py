@@ -11,7 +11,6 @@ skipped_steps, and stops after MAX_CONSECUTIVE_SKIPS in a row.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from maskstream.errors import MissingPath, PathExists, UserError
+from maskstream.flags import Parser
 from maskstream.loader import documents
 from maskstream.loader.documents import ATTENTIONS
 from maskstream.loader.schedule import parse_schedule
@@ -122,45 +122,49 @@ class TrainConfig:
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="maskstream train", description=__doc__.splitlines()[0])
+    p = Parser(prog="maskstream train", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="shard folder or URL prefix holding index.json, or a mixture "
                    "file (.json: sources with weights, see the README)")
     p.add_argument("--out", required=True, help="run folder: config, metrics, plot, checkpoints")
-    p.add_argument("--model-size", default="tiny", choices=list(PRESETS))
+    p.add_argument("--model-size", default="tiny", choices=list(PRESETS), help="encoder preset")
     p.add_argument("--hf-config", default=None, metavar="CONFIG.json",
                    help="train this transformers AutoModelForMaskedLM architecture instead of --model-size (its "
-                        "vocabulary size, special ids and positions come from the dataset); writes OUT/hf/")
-    p.add_argument("--max-steps", type=int, default=0)
-    p.add_argument("--epochs", type=float, default=0.0)
+                        "vocabulary size, special ids and positions come from the dataset); writes OUT/hf/ "
+                        "(default: the native encoder)")
+    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (give this or --epochs)")
+    p.add_argument("--epochs", type=float, default=0.0, help="passes over the data (give this or --max-steps)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-data", default=None, help="held-out shard folder, evaluated under a fixed mask")
+    p.add_argument("--seed", type=int, default=0, help="initial weights, data order and dynamic masks")
+    p.add_argument("--eval-data", default=None, help="held-out shard folder, evaluated under a fixed mask "
+                   "(default: no evaluation)")
     p.add_argument("--tokenizer", default=None, help="the dataset's tokenizer.json, copied into the run for "
                    "fill-mask (default: DIR/tokenizer.json when the dataset has one)")
-    p.add_argument("--masking", default="dataset", choices=MASKINGS)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--masking", default="dataset", choices=MASKINGS,
+                   help="the masks the run expects; dataset: whatever the dataset holds")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--resume", nargs="?", const="latest", default="", choices=("latest", "auto"),
                    help="continue from the latest checkpoint in --out (refused when there is none); "
-                        "--resume auto: continue if there is one, else start a new run")
-    p.add_argument("--lr", type=float, default=1e-3)
+                        "--resume auto: continue if there is one, else start a new run (default: a new run)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default: 6%% of the run)")
-    p.add_argument("--decay", default="linear", choices=list(DECAYS))
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--eval-batches", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--decay", default="linear", choices=list(DECAYS), help="learning-rate decay after warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping; 0 disables it")
+    p.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl line (losses averaged)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations; 0: once, at the end")
+    p.add_argument("--eval-batches", type=int, default=0, help="batches per evaluation; 0: the whole set")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints; 0: once, at the end")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     p.add_argument("--loader-partitions", type=int, default=0, metavar="P", help="canonical partitions of the "
                    "data stream (default: the number of processes); a run can --resume on any number of "
                    "processes dividing P, with processes x --batch-size unchanged")
-    p.add_argument("--dropout", type=float, default=-1.0)
+    p.add_argument("--dropout", type=float, default=-1.0, help="dropout probability; -1: the preset's")
     p.add_argument("--on-nonfinite", default="stop", choices=ON_NONFINITE, help="a NaN/inf loss or gradient "
-                   "norm stops the run (default), or skip drops that update and counts it (skipped_steps)")
+                   "norm stops the run, or skip drops that update and counts it (skipped_steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--attention", default="", choices=ATTENTIONS, help="doc (default): documents packed in "
                    "one row never attend to each other, positions restart at each; full: attend across the row "
                    "(the default with --hf-config)")
@@ -173,7 +177,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
     try:
         return TrainConfig(**vars(a))
     except ValueError as e:
-        p.error(str(e))
+        raise UserError(str(e)) from None
 
 
 # ---- build -----------------------------------------------------------------------------------------------
@@ -192,7 +196,11 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     eval_loader: MLMLoader | None
-    counters: dict = field(default_factory=lambda: {"step": 0, "skipped_steps": 0})  # saved in checkpoints
+    # saved in checkpoints; window_*: the logging window's partial sums, so a resumed run logs what an
+    # uninterrupted one does; tokens: trained so far, for the closing summary
+    counters: dict = field(default_factory=lambda: {"step": 0, "skipped_steps": 0, "window_loss": 0.0,
+                                                    "window_steps": 0, "tokens": 0})
+    last_loss: float | None = None   # the last logged training loss (a window's mean)
     checkpointer: Checkpointer | None = None
 
     @property
@@ -226,8 +234,13 @@ def init_distributed(device_flag: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def warmup_steps(warmup: int, total: int) -> int:
+    """--warmup as steps: -1 means 6 % of the run (RoBERTa)."""
+    return warmup if warmup >= 0 else int(0.06 * total)
+
+
 def lr_lambda(cfg: TrainConfig, total: int):
-    warmup = cfg.warmup if cfg.warmup >= 0 else int(0.06 * total)
+    warmup = warmup_steps(cfg.warmup, total)
     decay = DECAYS[cfg.decay]
 
     def f(step: int) -> float:
@@ -398,6 +411,29 @@ def resume(run: Run) -> None:
         run.checkpointer.restore(ckpt, path, reseed=reseed)
     except ValueError as e:  # a data position this world size or batch size cannot continue
         raise UserError(f"--resume from {path}: {e}") from None
+    if (change := schedule_change(run, saved)) and run.rank == 0:
+        print(f"note: resuming {path} at step {run.step} with a changed learning-rate schedule: {change}",
+              file=sys.stderr)
+
+
+def schedule_change(run: Run, saved: dict) -> str:
+    """What differs between the checkpoint's learning-rate schedule and this run's ("" when nothing); the new
+    one applies from the resumed step on (the optimizer's lr is set to it at once)."""
+    cfg, old = run.cfg, {**dataclasses.asdict(run.cfg), **saved["train"]}
+    old_total = saved.get("total_steps", run.total_steps)
+    pairs = {"total steps": (old_total, run.total_steps),
+             "warm-up steps": (warmup_steps(old["warmup"], old_total), warmup_steps(cfg.warmup, run.total_steps)),
+             "decay": (old["decay"], cfg.decay), "min lr ratio": (old["min_lr_ratio"], cfg.min_lr_ratio),
+             "peak lr": (old["lr"], cfg.lr)}
+    changes = [f"{name} {a} -> {b}" for name, (a, b) in pairs.items() if a != b]
+    if not changes:
+        return ""
+    was = run.optimizer.param_groups[0]["lr"]
+    # NOTE: LambdaLR's state holds the checkpoint's base lrs; the lambdas are this run's (built from its flags)
+    run.scheduler.base_lrs = [cfg.lr for _ in run.optimizer.param_groups]
+    for group, f in zip(run.optimizer.param_groups, run.scheduler.lr_lambdas, strict=True):
+        group["lr"] = cfg.lr * f(run.scheduler.last_epoch)
+    return f"{', '.join(changes)}; the learning rate goes from {was:.3g} to {run.optimizer.param_groups[0]['lr']:.3g}"
 
 
 # ---- train -----------------------------------------------------------------------------------------------
@@ -443,8 +479,10 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
     stream = batches(run.loader)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                disable=run.rank != 0 or not cfg.progress)
-    loss_sum = torch.zeros((), device=device)
-    tokens, t0, last_eval, finite_in_window, skips_in_a_row = 0, time.perf_counter(), {}, 0, 0
+    # the logging window as the checkpoint left it (float32 round-trips exactly through a Python float)
+    loss_sum = torch.tensor(run.counters["window_loss"], dtype=torch.float32, device=device)
+    finite_in_window = run.counters["window_steps"]
+    tokens, t0, last_eval, skips_in_a_row = 0, time.perf_counter(), {}, 0
     run.model.train()
     while run.step < run.total_steps:
         step_loss = torch.zeros((), device=device)
@@ -461,6 +499,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
                 (loss / cfg.grad_accum).backward()
             step_loss += loss.detach() / cfg.grad_accum
             tokens += batch["input_ids"].numel() * run.world
+            run.counters["tokens"] += batch["input_ids"].numel() * run.world
         # NOTE: max_norm=inf measures without clipping (the scale is exactly 1.0), so --clip 0 still checks.
         grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.clip or math.inf)
         if finite_step(run, step_loss, grad_norm):
@@ -481,6 +520,7 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
                       "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / dt, 1),
                       "skipped_steps": run.counters["skipped_steps"], "mask_rate": rate}
             log_line(run, record)
+            run.last_loss = mean
             bar.set_postfix(loss=f"{mean:.3f}" if mean is not None else "-", tok_s=f"{tokens / dt:,.0f}",
                             epoch=f"{record['epoch']:.2f}")
             loss_sum.zero_()
@@ -490,13 +530,15 @@ def train(run: Run, *, stop_at: int = 0) -> dict:
         paused = time.perf_counter()  # evaluation and checkpoint time is left out of tokens/s
         if run.eval_loader is not None and (done or (cfg.eval_every and run.step % cfg.eval_every == 0)):
             last_eval = evaluate.evaluate(run.raw_model, run.eval_loader, device=device, world=run.world,
-                                          max_batches=cfg.eval_batches, attention=cfg.attention)
+                                          max_batches=cfg.eval_batches, attention=cfg.attention,
+                                          progress=cfg.progress and run.rank == 0)
             log_line(run, {"step": run.step, "epoch": round(epoch_of(run), 4),
                            **{f"eval_{k}": v for k, v in last_eval.items()}})
             bar.write(f"step {run.step}: held-out loss {last_eval['loss']:.3f}  "
-                      f"accuracy {last_eval['accuracy']:.3f}  perplexity {last_eval['perplexity']:.1f}")
+                      f"accuracy {last_eval['accuracy']:.1%}  perplexity {last_eval['perplexity']:.1f}")
             run.model.train()
         if done or (cfg.save_every and run.step % cfg.save_every == 0):
+            run.counters.update(window_loss=loss_sum.item(), window_steps=finite_in_window)
             run.checkpointer.save(run.step, run_config(run))
         t0 += time.perf_counter() - paused
         if run.step == stop_at:
@@ -554,15 +596,33 @@ def close(run: Run) -> None:
         dist.destroy_process_group()
 
 
+def summary(run: Run, last_eval: dict, seconds: float) -> str:
+    """The closing lines: what was trained, the final losses, where the results are."""
+    out = Path(run.cfg.out)
+    minutes, secs = divmod(int(seconds), 60)
+    held = (f"; held-out loss {last_eval['loss']:.3f}, accuracy {last_eval['accuracy']:.1%}, perplexity "
+            f"{last_eval['perplexity']:.1f}" if last_eval else "")
+    train_loss = f"{run.last_loss:.3f}" if run.last_loss is not None else "-"
+    return "\n".join([
+        f"trained  {run.step:,} steps ({epoch_of(run):.2f} epochs), {run.counters['tokens']:,} tokens; this "
+        f"session {minutes}m {secs:02d}s",
+        f"loss     train {train_loss} (mean of the last logged window){held}",
+        f"saved    {latest(out)}; plot {out / 'loss.png'}; metrics {out / 'metrics.jsonl'}",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
     run = build(cfg)
+    start = time.perf_counter()
     try:
-        train(run)
+        last_eval = train(run)
         save_hf(run)
     except NonFiniteError as e:
         print(f"maskstream train: {e}", file=sys.stderr)
         return 1
     finally:
         close(run)
+    if run.rank == 0:
+        print(summary(run, last_eval, time.perf_counter() - start))
     return 0

@@ -6,7 +6,6 @@ accuracy beside the unigram baseline (always predicting the most frequent traini
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import json
@@ -14,6 +13,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from maskstream.flags import Parser
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "sotu.jsonl.gz"   # the repository's data/
 SENTENCES = (
@@ -103,10 +104,10 @@ def curation_line(counts: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="maskstream demo", description=__doc__.splitlines()[0])
+    p = Parser(prog="maskstream demo", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a tiny version (about a minute), for the tests")
-    p.add_argument("--out", default="demo-run", help="work folder (default: ./demo-run), replaced")
-    p.add_argument("--steps", type=int, default=0, help="training steps (default: the mode's)")
+    p.add_argument("--out", default="demo-run", help="work folder, replaced")
+    p.add_argument("--steps", type=int, default=0, help="training steps; 0: the mode's (1,500, or 40 with --quick)")
     a = p.parse_args(argv)
     import logging
     logging.getLogger("apache_beam").setLevel(logging.ERROR)  # the local runner's worker start-up chatter
@@ -158,6 +159,7 @@ def report(out: Path, run_dir: Path, seconds: float) -> dict:
     import torch
 
     from maskstream.loader.stream import LoaderConfig, MLMLoader
+    from maskstream.loader.text import token_text
     from maskstream.trainer import evaluate
 
     model, config = evaluate.load_run(run_dir)
@@ -166,15 +168,16 @@ def report(out: Path, run_dir: Path, seconds: float) -> dict:
     train = MLMLoader(str(out / "shards" / "train"), LoaderConfig(batch_size=64, remainder="wrap"))
     base = evaluate.unigram_baseline(train, held_out)
     tokenizer = evaluate.load_tokenizer(run_dir)
-    top = tokenizer.id_to_token(base["token_id"])
-    print(f"\nheld-out masked-token prediction ({ours['predictions']:,} masked positions, fixed mask):")
-    print(f"  {'':28} {'accuracy':>9} {'MLM loss':>9} {'perplexity':>11}")
-    print(f"  {'unigram baseline (' + repr(top) + ')':28} {base['accuracy']:>9.1%} {base['loss']:>9.3f} "
-          f"{2.718281828 ** base['loss']:>11.1f}")
-    print(f"  {'tiny encoder':28} {ours['accuracy']:>9.1%} {ours['loss']:>9.3f} {ours['perplexity']:>11.1f}")
+    base["token"] = token_text(tokenizer, base["token_id"])
+    print()
+    print(evaluate.format_table([(f"unigram baseline ({base['token']!r})", base), ("tiny encoder", ours)],
+                                f"held-out masked-token prediction ({ours['predictions']:,} masked positions, "
+                                "fixed mask):"))
     print("\nfill-mask (top 5):")
+    mask_token = tokenizer.id_to_token(config["vocab"]["mask_id"])
     for text in SENTENCES:
-        print(evaluate.format_predictions(text, evaluate.fill_mask(model, tokenizer, config["vocab"], text)))
+        predictions = evaluate.fill_mask(model, tokenizer, config["vocab"], text)
+        print(evaluate.format_predictions(text, predictions, mask_token))
     print(f"\ndemo finished in {seconds / 60:.1f} min; run folder {run_dir} (metrics.jsonl, loss.png, checkpoints)")
     print(f"try: maskstream fill-mask --run {run_dir} \"the [MASK] of the union\"")
     figures = {"model": ours, "unigram": base, "seconds": seconds}

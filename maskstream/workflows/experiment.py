@@ -12,11 +12,12 @@ Without --data, everything is built from the bundled corpus (as the demo does).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
+
+from maskstream.flags import Parser
 
 # pipeline flag <- index.json config path
 _PIPELINE_FLAGS = {
@@ -29,13 +30,17 @@ _PIPELINE_FLAGS = {
 
 
 def static_twin(data: Path, out: Path, copies: int) -> Path:
-    """Re-run the Beam job that made `data` with --masking static --static-copies K: same sequences, same uids."""
+    """Re-run the Beam job that made `data` with --masking static --static-copies K: the same sequences (the
+    uids differ: the masking is part of the data hash)."""
     from maskstream.pipeline import run as beam_job
 
     index = json.loads((data / "index.json").read_text())
     config = index["config"]
+    # NOTE: index.json records local inputs and the tokenizer as absolute paths, so this works from any folder
     argv = ["--input", *config["source"]["inputs"], "--tokenizer", config["tokenize"]["tokenizer"],
             "--output", str(out), "--masking", "static", "--static-copies", str(copies)]
+    for source_id in config["source"].get("source_ids", ()):
+        argv += ["--source-id", source_id]
     for flag, (section, key) in _PIPELINE_FLAGS.items():
         argv += [flag, str(config[section][key])]
     beam_job.run(argv)
@@ -111,18 +116,19 @@ def plot(out: Path, runs: dict[str, Path]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="maskstream experiment", description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=list(EXPERIMENTS))
+    p = Parser(prog="maskstream experiment", description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=list(EXPERIMENTS), help="the experiment to run")
     p.add_argument("--data", default=None, help="dynamic training shards (default: build from the bundled corpus)")
-    p.add_argument("--eval-data", default=None, help="held-out shards (required with --data)")
-    p.add_argument("--out", default="experiment-run")
+    p.add_argument("--eval-data", default=None, help="held-out shards (required with --data; default: built "
+                   "from the bundled corpus)")
+    p.add_argument("--out", default="experiment-run", help="work folder: shards, the runs, the plot")
     p.add_argument("--steps", type=int, default=0, help="steps per run (default: "
                    f"{', '.join(f'{k} {v}' for k, v in DEFAULT_STEPS.items())})")
     p.add_argument("--static-copies", type=int, default=2, help="K static masks (BERT: 10 over 40 epochs)")
-    p.add_argument("--model-size", default="tiny")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-size", default="tiny", help="encoder preset of both runs")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="initial weights, data order and masks of both runs")
     p.add_argument("--evals", type=int, default=6, help="held-out evaluations along each run")
     a = p.parse_args(argv)
     if a.data and not a.eval_data:

@@ -1,10 +1,14 @@
 """`maskstream inspect`: summary, --verify (good and corrupted), --show, and --dump-masks across worker counts."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 from helpers import TOKENIZER, build_dataset
 
 from maskstream.loader.inspector import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_summary_shows_the_manifest(uneven, capsys):
@@ -51,7 +55,8 @@ def test_dump_masks_is_identical_for_any_worker_count_and_batch_size(uneven, tmp
     assert a.read_text() == b.read_text()
     lines = [json.loads(x) for x in a.read_text().splitlines()]
     assert len(lines) == 487 and set(lines[0]) == {"step", "source", "uid", "input_ids", "labels"}
-    assert lines[0]["uid"] >= 0 and lines[-1]["step"] == 486 and lines[0]["source"] == str(uneven)
+    assert re.fullmatch("[0-9a-f]{16}", lines[0]["uid"])   # the one uid spelling, as --show prints it
+    assert lines[-1]["step"] == 486 and lines[0]["source"] == str(uneven)
     assert main([str(uneven), "--dump-masks", str(c), "--epoch", "2", "--batch-size", "16", "--num-workers", "2",
                  "--rank", "1", "--world-size", "2", "--limit", "50"]) == 0
     masks = lambda x: (x["input_ids"], x["labels"])  # noqa: E731 (the step depends on the batch size)
@@ -74,3 +79,25 @@ def test_a_mixture_file_is_summarized_and_its_dumped_masks_carry_step_and_source
     lines = [json.loads(x) for x in dump.read_text().splitlines()]
     assert [x["step"] for x in lines[::8]] == [0, 1, 2, 3, 4]
     assert [x["source"] for x in lines[:8]] == ["big"] * 6 + ["small"] * 2, "6 of 8 from big, then 2 from small"
+
+
+def test_byte_level_bpe_reads_as_text_with_its_own_mask_token():
+    from maskstream.loader.inspector import render
+    from maskstream.loader.masking import IGNORE_INDEX
+    from maskstream.loader.text import decode_units, uid_text
+    from maskstream.pipeline.tokenizer import convert_gpt2
+    tok = convert_gpt2(str(ROOT / "data/tokenizers/gpt2-vocab.json"), str(ROOT / "data/tokenizers/gpt2-merges.txt"))
+    ids = tok.encode("The state of the Union「中国」.\nNew line").ids
+    mask_id = tok.token_to_id("<mask>")
+    units = decode_units(tok, ids)
+    assert "".join(u.text for u in units) == "<s>The state of the Union「中国」.\nNew line</s>"
+    assert any(len(u.positions) > 1 for u in units)   # a character split over two byte-level tokens shown once
+    union = next(i for i, u in enumerate(units) if u.text == " Union")
+    labels = [IGNORE_INDEX] * len(ids)
+    masked = list(ids)
+    labels[units[union].positions[0]] = ids[units[union].positions[0]]
+    masked[units[union].positions[0]] = mask_id
+    line = render(tok, masked, labels, len(ids), mask_id)
+    assert line == "<s>The state of the <mask/Union>「中国」.⏎New line</s>", line
+    assert not set("ĠĊãĢ") & set(line)
+    assert uid_text(-1) == "ffffffffffffffff" and uid_text(255) == "00000000000000ff"

@@ -178,3 +178,39 @@ def test_configs_refuse_bad_values_naming_the_fix(cls, kw, match):
     with pytest.raises(ValueError, match=match):
         cls(**kw)
 
+
+
+def test_uid_keys_are_the_path_below_the_inputs_folder_however_it_is_spelled(tmp_path, monkeypatch):
+    from maskstream.errors import UserError
+    from maskstream.pipeline.config import data_hash
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    for name in ("a.jsonl", "sub/b.jsonl"):
+        (tmp_path / "corpus" / name).write_text('{"text": "x"}\n')
+    assert readers.split_root("corpus/*/b.jsonl") == ("corpus", "*/b.jsonl")
+    assert readers.split_root("gs://bucket/c/x.jsonl.gz") == ("gs://bucket/c", "x.jsonl.gz")
+    assert readers.split_root("pg_*.jsonl") == ("", "pg_*.jsonl")
+    monkeypatch.chdir(tmp_path)
+    keys = {f.key for f in readers.expand_inputs(["corpus/*.jsonl", "corpus/*/*.jsonl"])}
+    assert keys == {"a.jsonl", "sub/b.jsonl"}
+    # (working folder, spelling): relative, absolute, roundabout, from another folder
+    spellings = [(tmp_path, "corpus/a.jsonl"), (tmp_path, str(tmp_path / "corpus" / "a.jsonl")),
+                 (tmp_path, "corpus/../corpus/./a.jsonl"), (tmp_path / "corpus" / "sub", "../a.jsonl")]
+    config = {"source": {"inputs": [], "source_ids": []}, "tokenize": {"tokenizer": "t"}, "shard": {"output": "o"}}
+    hashes = set()
+    for cwd, spelled in spellings:
+        monkeypatch.chdir(cwd)
+        (found,) = readers.expand_inputs([spelled])
+        assert (found.path, found.key) == (str(tmp_path / "corpus" / "a.jsonl"), "a.jsonl"), spelled
+        # the data hash (which keys every uid) sees the same: the part below the root, or the --source-id
+        hashes.add(data_hash({**config, "source": {"inputs": [readers.absolute(spelled)]}}))
+    assert len(hashes) == 1
+    assert data_hash({**config, "source": {"inputs": ["/x/a.jsonl"], "source_ids": ["web"]}}) not in hashes
+    # two files that would share a key are refused; a --source-id per input tells them apart
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.jsonl").write_text('{"text": "y"}\n')
+    both = [str(tmp_path / "corpus" / "a.jsonl"), str(tmp_path / "other" / "a.jsonl")]
+    with pytest.raises(UserError, match="both be keyed 'a.jsonl'.*--source-id"):
+        readers.expand_inputs(both)
+    assert [f.key for f in readers.expand_inputs(both, ("c", "o"))] == ["c/a.jsonl", "o/a.jsonl"]
+    with pytest.raises(UserError, match="one per --input"):
+        readers.expand_inputs(both, ("c",))

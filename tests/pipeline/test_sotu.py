@@ -44,7 +44,7 @@ def test_sotu_detokenized_sequences_give_back_the_source_text(sotu_run, sotu_tex
                                      seq_len=index["seq_len"], vocab_size=info.vocab_size)
             for i, uid in enumerate(block.uids.tolist()):
                 content[uid] = block.tokens[i, 1:block.lengths[i] - 1]   # without [CLS] .. [SEP]
-    key, source = data_hash(index["config"]), index["inputs"][0]["path"]
+    key, source = data_hash(index["config"]), index["inputs"][0]["key"]   # uids hash the file's key
     streams = []
     for start in range(len(sotu_texts)):        # a group's uids are keyed by its first document's position
         if int(packing.make_uids(key, source, start, 1)[0]) not in content:

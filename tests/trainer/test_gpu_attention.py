@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_documents import fields, packed
+from test_doc_attention import fields, packed
 
 from maskstream.trainer.model import MASKS, MLMEncoder, preset
 

@@ -157,7 +157,8 @@ def test_on_nonfinite_skip_drops_the_updates_counts_them_and_gives_up_after_a_st
     assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 3] and rows[0]["loss"] is not None
     assert all(r["loss"] is None for r in rows[1:])
     ckpt = checkpoint.load(checkpoint.latest(tmp_path / "skip"))
-    assert ckpt["step"] == 4 and ckpt["counters"] == {"step": 4, "skipped_steps": 3}
+    assert ckpt["step"] == 4 and ckpt["counters"] == {"step": 4, "skipped_steps": 3, "tokens": 4 * 8 * 128,
+                                                      "window_loss": 0.0, "window_steps": 0}   # window logged
     assert main(nan_flags(train_dir, tmp_path / "streak", "--max-steps", "20", "--on-nonfinite", "skip")) == 1
     assert checkpoint.latest(tmp_path / "streak").name == "ckpt-0000010.pt"  # 9 skips in a row, then stop
 
@@ -172,6 +173,37 @@ def test_resume_refuses_a_folder_whose_every_checkpoint_is_damaged(sotu_split, t
 
 
 @pytest.mark.slow
+def test_a_resume_inside_a_logging_window_logs_what_the_uninterrupted_run_logs(sotu_split, tmp_path, capsys):
+    train_dir, _ = sotu_split
+    # windows of 3 steps (3, 6, 8); the checkpoint at step 4 cuts the second window after one step
+    common = ("--max-steps", "8", "--save-every", "4", "--log-every", "3")
+    assert main(flags(train_dir, tmp_path / "whole", *common)) == 0
+    closing = capsys.readouterr().out
+    assert "trained  8 steps" in closing and f"{tmp_path / 'whole' / 'ckpt-0000008.pt'}" in closing
+    assert "loss.png" in closing and "note: resuming" not in closing
+    run = build(parse_args(flags(train_dir, tmp_path / "split", *common)))
+    train(run, stop_at=4)
+    close(run)
+    assert main(flags(train_dir, tmp_path / "split", *common, "--resume")) == 0
+    whole = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "whole") if "loss" in r]
+    split = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "split") if "loss" in r]
+    assert [s for s, _, _ in whole] == [3, 6, 8]
+    assert split == whole
+    assert "note: resuming" not in capsys.readouterr().err   # same schedule: nothing to say
+    # a larger --max-steps re-stretches the schedule: said in one line, and the new schedule applies
+    assert main(flags(train_dir, tmp_path / "split", "--max-steps", "10", "--log-every", "3", "--resume")) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: resuming")]
+    assert len(notes) == 1 and "total steps 8 -> 10" in notes[0], notes
+    assert [r["step"] for r in metrics(tmp_path / "split") if "loss" in r][-2:] == [9, 10]
+
+
+def test_config_mistakes_end_in_one_line_naming_the_flag(sotu_split, tmp_path):
+    from maskstream.errors import UserError
+    train_dir, _ = sotu_split
+    with pytest.raises(UserError, match=r"--max-steps .* --epochs"):
+        parse_args(["--data", str(train_dir), "--out", str(tmp_path)])
+    with pytest.raises(UserError, match=r"argument --lr: invalid float value: 'fast'; see `maskstream train --help`"):
+        parse_args(["--data", str(train_dir), "--out", str(tmp_path), "--max-steps", "1", "--lr", "fast"])
 def test_train_takes_a_mixture_file_as_data(sotu_split, tmp_path):
     train_dir, held_out = sotu_split
     mix = tmp_path / "mix.json"
