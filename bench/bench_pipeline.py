@@ -9,6 +9,8 @@ text MB/s of
     BertPreTokenizer), over the same documents,
   - a `multiprocessing.Pool` of single-threaded `encode_batch` workers, one per core;
 and the bytes per token of the shards written, and the peak RSS of the job's processes (summed, sampled).
+On SOTU also the job with `--selection pmi` (its PMI stages: n-gram counts, the vocabulary, unit starts) against
+the job without them, interleaved in the same runs.
 Job, anchor and Encoder are measured --repeat times, interleaved, and their medians compared: on a shared 2-core
 machine single runs of either side were seen to vary by +-20 %.
 """
@@ -157,7 +159,7 @@ def job(corpus: str, tokenizer_path: str, out: Path, *flags: str) -> tuple[float
     from maskstream.loader.format import read_index
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "maskstream.pipeline.run", "--input", corpus, "--tokenizer",
-                             tokenizer_path, "--output", str(out), "--quiet", *flags], cwd=ROOT)
+                             tokenizer_path, "--output", str(out), "--quiet", "--overwrite", *flags], cwd=ROOT)
     stop, peak = threading.Event(), []
     sampler = threading.Thread(target=sampled_peak_rss, args=(proc.pid, stop, peak))
     sampler.start()
@@ -188,10 +190,12 @@ def run(args) -> list[Row]:
         texts = read_texts(corpus)
         mb = sum(len(t.encode()) for t in texts) / 1e6
         out = workdir / f"shards-{name.replace(' ', '-')}"
-        runs = []     # (job s, anchor s, encoder s), interleaved so drifts of the machine hit both sides
+        runs, pmi_runs = [], []   # (job s, anchor s, encoder s), interleaved so drifts hit both sides
         for _ in range(args.repeat):
             seconds, index, rss = job(corpus, tok, out)
             runs.append((seconds, raw_fast(tok, texts), encoder_pass(tok, texts)))
+            if name == "sotu":
+                pmi_runs.append(job(corpus, tok, out, "--selection", "pmi"))
         seconds, fast_s, enc_s = (statistics.median(r[i] for r in runs) for i in range(3))
         fast, enc = mb / fast_s, mb / enc_s
         pool = mb / pool_pass(tok, texts, cpu_count())
@@ -213,5 +217,22 @@ def run(args) -> list[Row]:
                 anchor="flat uint16 ids", anchor_value=2.0, target="<= 2.25", higher_is_better=False),
             Row(area="pipeline", name=f"job peak RSS, {name}", value=rss, unit="MB", higher_is_better=False),
         ]
+        if pmi_runs:
+            rows += pmi_rows(name, mb, pmi_runs, seconds, bpt)
         shutil.rmtree(out, ignore_errors=True)
     return rows
+
+
+def pmi_rows(name: str, mb: float, pmi_runs: list, seconds: float, bpt: float) -> list[Row]:
+    """The job with --selection pmi against the same job without it (medians of interleaved runs)."""
+    pmi_s = statistics.median(r[0] for r in pmi_runs)
+    index, rss = pmi_runs[-1][1], pmi_runs[-1][2]
+    pmi_bpt = sum(s["bytes"] for s in index["shards"]) / index["counts"]["tokens"]
+    print(f"[pipeline] {name} --selection pmi: job {pmi_s:.2f} s = {mb / pmi_s:.2f} MB/s against {seconds:.2f} s "
+          f"without the PMI stages ({pmi_s / seconds:.2f}x the time); {index['units']['ngrams']:,} n-grams "
+          f"{index['units']['ngrams_by_n']}; {pmi_bpt:.3f} bytes/token (without: {bpt:.3f}); peak RSS {rss:.0f} MB",
+          flush=True)
+    return [Row(area="pipeline", name=f"job with --selection pmi, {name}", value=mb / pmi_s, unit="MB/s",
+                anchor="same job without PMI stages", anchor_value=mb / seconds),
+            Row(area="pipeline", name=f"shard bytes/token with unit starts, {name}", value=pmi_bpt,
+                unit="bytes/token", anchor="without", anchor_value=bpt, higher_is_better=False)]

@@ -9,6 +9,8 @@ A dataset is a folder (or URL prefix) with `index.json` and tar shards `shard-00
     uids.npy            (B,)   uint64         stable sequence ids
     doc_starts.npy      (D,)   uint32         [v2] flat positions row * L + p where a document starts inside a
                                               row (p >= 1); absent when no document starts inside any row
+    unit_starts.npy     (B, ceil(L/8)) uint8  [selection pmi] bit-packed starts of masking units (PMI n-grams
+                                              and single words; a subset of the word starts)
     static_selected.npy (B, K, ceil(L/8)) uint8  [static mode] bit-packed positions chosen in copy k
     static_inputs.npy   (S,)   token dtype    [static mode] input ids at the chosen positions, in C order
 
@@ -46,7 +48,7 @@ INDEX_FILE = "index.json"
 PARTIAL_SUFFIX = ".partial"  # temporary names of shards being written; renamed when complete
 MAX_MEMBER_BYTES = 64 << 20  # a reader refuses any member larger than this
 MEMBERS = ("tokens.npy", "lengths.npy", "word_starts.npy", "uids.npy", "static_selected.npy",
-           "static_inputs.npy", "doc_starts.npy")
+           "static_inputs.npy", "doc_starts.npy", "unit_starts.npy")
 _SHARD_NAME = re.compile(r"^shard-[0-9]{6}\.tar$")
 
 
@@ -84,6 +86,7 @@ class Block:
     static_selected: np.ndarray | None = None    # (B, K, L) bool
     static_inputs: np.ndarray | None = None      # (B, K, L) int64
     doc_starts: np.ndarray | None = None         # (B, L) bool, True where a document starts inside a row (p >= 1)
+    unit_starts: np.ndarray | None = None        # (B, L) bool, PMI masking unit starts (pipeline/pmi.py)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -109,6 +112,9 @@ def encode_block(block: Block, *, vocab_size: int) -> dict[str, bytes]:
         members["lengths.npy"] = _npy(block.lengths.astype(lengths_dtype))
     members["word_starts.npy"] = _npy(np.packbits(block.word_starts.astype(bool), axis=-1))
     members["uids.npy"] = _npy(block.uids.astype(np.uint64))
+    if block.unit_starts is not None:
+        # NOTE: bits, not offsets: nearly every word starts a unit, so offsets would cost ~30x the bits
+        members["unit_starts.npy"] = _npy(np.packbits(block.unit_starts.astype(bool), axis=-1))
     if block.static_selected is not None:
         selected = block.static_selected.astype(bool)
         members["static_selected.npy"] = _npy(np.packbits(selected, axis=-1))
@@ -199,6 +205,12 @@ def decode_block(members: dict[str, bytes], *, seq_len: int, vocab_size: int, st
     uids = _array(members, "uids.npy", (np.uint64,), (B,), limit)
     block = Block(tokens=tokens, lengths=lengths, word_starts=word_starts, uids=uids,
                   doc_starts=_doc_starts(members, lengths, L, limit))
+    if "unit_starts.npy" in members:
+        packed = _array(members, "unit_starts.npy", (np.uint8,), (B, (L + 7) // 8), limit)
+        block.unit_starts = np.unpackbits(packed, axis=-1, count=L).astype(bool)
+        if (block.unit_starts & ~word_starts).any():
+            raise FormatError("member 'unit_starts.npy' marks a unit start where no word starts; a unit is "
+                              "one or more whole words")
     if static_copies:
         sel = _array(members, "static_selected.npy", (np.uint8,), (B, static_copies, (L + 7) // 8), limit)
         selected = np.unpackbits(sel, axis=-1, count=L).astype(bool)

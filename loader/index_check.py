@@ -62,6 +62,8 @@ def check_index(index, *, readable: tuple[int, ...], checksum: str) -> None:
         _of(index[key], kind, key, what)
     _check_tokenizer(_of(index["tokenizer"], dict, "tokenizer", "an object"))
     _check_masking(_of(index["masking"], dict, "masking", "an object"))
+    if "units" in index:
+        _check_units(_of(index["units"], dict, "units", "an object"))
     counts = _of(index["counts"], dict, "counts", "an object")
     _keys(counts, "counts", ("sequences",))
     for k in COUNTS:  # the counts readers use; stages may add counts of their own
@@ -100,6 +102,32 @@ def _check_masking(m: dict) -> None:
     _int(m["static_copies"], "masking.static_copies", 1 if m["mode"] == "static" else 0, 1 << 16)
     _int(m["seed"], "masking.seed", -(1 << 63), (1 << 64) - 1)
     _of(m["config"], dict, "masking.config", "an object")
+
+
+UNITS_FILE = re.compile(r"^[a-z0-9_]+\.json$")
+
+
+def _check_units(units: dict) -> None:
+    """The PMI n-gram vocabulary's entry (pipeline/pmi.py index_entry): a plain file name beside index.json,
+    its sha256, its settings and how many n-grams it holds."""
+    _keys(units, "units", ("file", "sha256", "settings", "ngrams", "ngrams_by_n"))
+    if not isinstance(units["file"], str) or not UNITS_FILE.match(units["file"]):
+        raise IndexProblem(f"units.file is {_short(units['file'])}, expected a plain name like 'pmi_ngrams.json'")
+    if not _HEX64.match(_of(units["sha256"], str, "units.sha256", "64 hex digits")):
+        raise IndexProblem(f"units.sha256 is {_short(units['sha256'])}, expected 64 lowercase hex digits")
+    settings = _of(units["settings"], dict, "units.settings", "an object")
+    _keys(settings, "units.settings", ("max_n", "max_ngrams", "min_count"))
+    max_n = _int(settings["max_n"], "units.settings.max_n", 2, 64)
+    _int(settings["max_ngrams"], "units.settings.max_ngrams", 1)
+    _int(settings["min_count"], "units.settings.min_count", 1)
+    total = _int(units["ngrams"], "units.ngrams", 0, settings["max_ngrams"])
+    by_n = _of(units["ngrams_by_n"], dict, "units.ngrams_by_n", "an object")
+    for n, count in by_n.items():
+        if not n.isdigit() or not 2 <= int(n) <= max_n:
+            raise IndexProblem(f"units.ngrams_by_n has length {_short(n)}, expected 2..{max_n}")
+        _int(count, f"units.ngrams_by_n.{n}")
+    if sum(by_n.values()) != total:
+        raise IndexProblem(f"units.ngrams_by_n sums to {sum(by_n.values())} but units.ngrams says {total}")
 
 
 def _check_shard(entry, where: str, version: int) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from maskstream.errors import UserError
 
 IGNORE_INDEX = -100
-SELECTIONS = ("token", "word", "span")
+SELECTIONS = ("token", "word", "span", "pmi")
 COUNTS = ("exact", "bernoulli")
 
 
@@ -21,7 +21,8 @@ class MaskingConfig:
     mask_prob: float = 0.15
     mask_token_frac: float = 0.8    # of the selected: replaced by the mask token
     random_token_frac: float = 0.1  # of the selected: replaced by a random non-special token; the rest unchanged
-    selection: str = "token"        # token | word (whole word) | span (SpanBERT, whole-word aligned)
+    selection: str = "token"        # token | word (whole word) | span (SpanBERT, whole-word aligned) | pmi
+                                    # (PMI n-grams whole, else single words; 80/10/10 per unit; needs unit starts)
     count: str = "exact"            # exact: round(p*n) per sequence (at least 1) | bernoulli: each unit with p
     span_p: float = 0.2             # span lengths in words ~ Geometric(span_p) ...
     span_max: int = 10              # ... cut at span_max

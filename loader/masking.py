@@ -135,7 +135,14 @@ UNITS = {
     "token": lambda eligible, word_starts, keys, config: torch.ones_like(eligible),
     "word": lambda eligible, word_starts, keys, config: word_starts,
     "span": _span_units,
+    "pmi": lambda eligible, unit_starts, keys, config: unit_starts,  # given the stored unit starts (see mask_batch)
 }
+
+
+def _unit_starts(eligible: Tensor, word_starts: Tensor, keys: Tensor, config: MaskingConfig) -> Tensor:
+    """(B, L) bool: where a unit starts: where the mode says so, and after any ineligible position."""
+    prev = torch.cat([torch.zeros_like(eligible[:, :1]), eligible[:, :-1]], dim=1)
+    return eligible & (UNITS[config.selection](eligible, word_starts, keys, config) | ~prev)
 
 
 def select(tokens: Tensor, word_starts: Tensor, lengths: Tensor, keys: Tensor, *,
@@ -150,11 +157,7 @@ def select(tokens: Tensor, word_starts: Tensor, lengths: Tensor, keys: Tensor, *
     p = config.mask_prob if rate is None else check_rate(rate)
     eligible = _eligible(tokens, lengths, vocab)
     bits = keyed_bits(keys, L, stream=0) >> 8  # (B, L) 24 random bits
-    if config.selection == "token":
-        starts = eligible
-    else:  # a unit starts where the mode says so, and after any ineligible position (specials, padding)
-        prev = torch.cat([torch.zeros_like(eligible[:, :1]), eligible[:, :-1]], dim=1)
-        starts = eligible & (UNITS[config.selection](eligible, word_starts, keys, config) | ~prev)
+    starts = eligible if config.selection == "token" else _unit_starts(eligible, word_starts, keys, config)
 
     if config.count == "bernoulli":
         chosen = starts & (bits < _threshold(p))
@@ -174,7 +177,7 @@ def select(tokens: Tensor, word_starts: Tensor, lengths: Tensor, keys: Tensor, *
     if config.selection == "token":
         kth = best.gather(1, (target - 1).clamp(min=0)[:, None])
         return starts & (score <= kth) & (target > 0)[:, None]
-    start_of = torch.cummax(torch.where(starts, pos.expand(B, L), torch.zeros_like(bits)), dim=1).values
+    start_of = _start_of(starts)
     unit_len = torch.zeros_like(bits).scatter_add_(1, start_of, eligible.to(torch.int64))  # at unit starts
     len_sorted = unit_len.gather(1, order) * (best < (1 << 62))
     before = torch.cumsum(len_sorted, dim=1) - len_sorted
@@ -193,10 +196,14 @@ def check_rate(rate: float) -> float:
 
 def _spread(chosen_starts: Tensor, starts: Tensor, eligible: Tensor) -> Tensor:
     """Extend a choice made at unit starts to every position of those units."""
+    return eligible & chosen_starts.gather(1, _start_of(starts))
+
+
+def _start_of(starts: Tensor) -> Tensor:
+    """(B, L) int64: the position of the unit start at or before each position (0 before the first)."""
     B, L = starts.shape
     pos = torch.arange(L, device=starts.device, dtype=torch.int64).expand(B, L)
-    start_of = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
-    return eligible & chosen_starts.gather(1, start_of)
+    return torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
 
 
 # ---- the whole rule ----------------------------------------------------------------------------------------
@@ -205,30 +212,35 @@ def mask_batch(tokens: Tensor, word_starts: Tensor, lengths: Tensor, uids: Tenso
                config: MaskingConfig, vocab: Vocab, rate: float | None = None) -> tuple[Tensor, Tensor]:
     """Mask a batch for one epoch: (input_ids, labels), both (B, L) int64 on the batch's device.
 
-    tokens (B, L) any int dtype; word_starts (B, L) bool; lengths (B,); uids (B,) int64 (uint64 bit pattern).
+    tokens (B, L) any int dtype; word_starts (B, L) bool (with selection "pmi": the stored unit starts);
+    lengths (B,); uids (B,) int64 (uint64 bit pattern).
     rate: the fraction to mask (a schedule's value at this step); None = config.mask_prob, bit for bit.
     """
     tokens = tokens.to(torch.int64)
     device = tokens.device
     keys = sequence_keys(uids.to(device), seed=seed, epoch=epoch)
-    selected = select(tokens, word_starts.to(device=device, dtype=torch.bool), lengths.to(device), keys,
-                      config=config, vocab=vocab, rate=rate)
+    word_starts, lengths = word_starts.to(device=device, dtype=torch.bool), lengths.to(device)
+    selected = select(tokens, word_starts, lengths, keys, config=config, vocab=vocab, rate=rate)
     labels = tokens.masked_fill(~selected, IGNORE_INDEX)
+    unit_of = None
+    if config.selection == "pmi":  # 80/10/10 per unit: a unit's tokens share the action drawn at its start
+        unit_of = _start_of(_unit_starts(_eligible(tokens, lengths, vocab), word_starts, keys, config))
     # NOTE: dense on accelerators (no nonzero(), so no host sync), sparse on the CPU; the bits are the same
     dense = tokens.device.type != "cpu"
-    return _corrupt(tokens, selected, keys, config=config, vocab=vocab, dense=dense), labels
+    return _corrupt(tokens, selected, keys, config=config, vocab=vocab, dense=dense, unit_of=unit_of), labels
 
 
 def _corrupt(tokens: Tensor, selected: Tensor, keys: Tensor, *, config: MaskingConfig, vocab: Vocab,
-             dense: bool) -> Tensor:
-    """The 80/10/10 rule at the selected positions: mask token, random non-special token, or unchanged."""
+             dense: bool, unit_of: Tensor | None = None) -> Tensor:
+    """The 80/10/10 rule at the selected positions: mask token, random non-special token, or unchanged; drawn
+    per token, or per unit when unit_of (B, L) gives each position's unit start (random ids stay per token)."""
     L = tokens.shape[1]
     regular = _tables(vocab, tokens.device)[1]
     keep_below = _threshold(config.mask_token_frac + config.random_token_frac)
     mask_below = _threshold(config.mask_token_frac)
     if dense:
         bits = keyed_bits(keys, L, stream=1)
-        action = bits >> 8
+        action = bits >> 8 if unit_of is None else (bits >> 8).gather(1, unit_of)
         random_ids = regular[(_rehash(bits) * regular.numel()) >> 32]
         inputs = torch.where(selected & (action < keep_below), random_ids, tokens)
         return inputs.masked_fill(selected & (action < mask_below), vocab.mask_id)
@@ -236,7 +248,7 @@ def _corrupt(tokens: Tensor, selected: Tensor, keys: Tensor, *, config: MaskingC
     rows, cols = torch.nonzero(selected).unbind(1)  # (S,) each
     flat = rows * L + cols
     bits = keyed_bits_at(keys, rows, cols, L, stream=1)
-    action = bits >> 8
+    action = bits >> 8 if unit_of is None else keyed_bits_at(keys, rows, unit_of[rows, cols], L, stream=1) >> 8
     pick = (_rehash(bits) * regular.numel()) >> 32  # uniform in [0, V')
     replaced = torch.where(action < keep_below, regular.index_select(0, pick),
                            tokens.view(-1).index_select(0, flat))

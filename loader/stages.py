@@ -216,6 +216,8 @@ def _stack(parts, batch_size: int, epoch: int, static_copies: int, documents: bo
         out["input_ids"], out["labels"] = masking.static_copy(out.pop("tokens"), selected, inputs)
     else:
         out["word_starts"] = torch.from_numpy(cat(lambda b: b.word_starts))  # (B, L) bool
+        if all(b.unit_starts is not None for b, _ in parts):  # datasets made with --selection pmi (a mixture: all)
+            out["unit_starts"] = torch.from_numpy(cat(lambda b: b.unit_starts))  # (B, L) bool
     return out
 
 
@@ -226,7 +228,8 @@ def finish(raw: dict, *, seed: int, epoch: int, config, vocab, seq_len: int, dev
     if "input_ids" in raw:
         input_ids, labels = raw["input_ids"], raw["labels"]
     else:
-        input_ids, labels = masking.mask_batch(raw["tokens"], raw["word_starts"], raw["lengths"], raw["uids"],
+        starts = raw["unit_starts"] if config.selection == "pmi" else raw["word_starts"]
+        input_ids, labels = masking.mask_batch(raw["tokens"], starts, raw["lengths"], raw["uids"],
                                                seed=seed, epoch=epoch, config=config, vocab=vocab, rate=rate)
     return {"input_ids": input_ids, "labels": labels, "uids": raw["uids"],
             "attention_mask": masking.attention_mask(raw["lengths"], seq_len),

@@ -117,6 +117,10 @@ class MLMLoader:
             raise UserError(f"{self.root} stores static masks made with {stored}; a different masking config "
                              f"cannot apply to them. Pass masking=None, or preprocess with --masking dynamic")
         self.masking = stored if masking is None else masking
+        lacking = [d.root for d in self.datasets if "units" not in d.index]
+        if self.masking.selection == "pmi" and lacking:
+            raise UserError(f"{lacking[0]} has no PMI masking units, which selection 'pmi' needs; preprocess it "
+                            f"with `maskstream preprocess ... --selection pmi`, or choose another selection")
         self.partitions = check_partitions(config.partitions, world_size=world_size, batch_size=config.batch_size)
         self._plan_stream()
         self.epoch, self.sequences_consumed = 0, 0

@@ -117,12 +117,14 @@ class PipelineConfig:
     masking: object          # a MaskingConfig of loader.maskconfig (torch-free), so workers skip torch in dynamic mode
     filters: FilterConfig = FilterConfig()      # quality rules (none by default)
     dedup: DedupConfig = DedupConfig()          # duplicate removal (none by default)
+    pmi: object = None       # a pipeline.pmi.PmiConfig with selection pmi, else None
 
     def to_dict(self) -> dict:
+        # NOTE: "pmi" only when set, so the data hash (and every uid) of other datasets stays as it was
         return {"source": dataclasses.asdict(self.source), "tokenize": dataclasses.asdict(self.tokenize),
                 "pack": dataclasses.asdict(self.pack), "shard": dataclasses.asdict(self.shard),
                 "masking": self.masking.to_dict(), "filters": self.filters.to_dict(),
-                "dedup": dataclasses.asdict(self.dedup)}
+                "dedup": dataclasses.asdict(self.dedup), **({"pmi": dataclasses.asdict(self.pmi)} if self.pmi else {})}
 
     def data_hash(self) -> bytes:
         return data_hash(self.to_dict())
@@ -154,6 +156,11 @@ def config_from_args(args) -> PipelineConfig:
     from maskstream.pipeline.readers import absolute
     selection = "word" if args.whole_word else args.selection
     masking = MaskingConfig(mask_prob=args.mask_prob, selection=selection)
+    pmi = None
+    if selection == "pmi":
+        from maskstream.pipeline.pmi import PmiConfig
+        pmi = PmiConfig(**{k: v for k, v in (("max_n", args.pmi_max_n), ("max_ngrams", args.pmi_max_ngrams),
+                                             ("min_count", args.pmi_min_count)) if v is not None})
     return PipelineConfig(
         source=SourceConfig(inputs=tuple(absolute(p) for p in args.input),
                             source_ids=tuple(getattr(args, "source_id", None) or ()), text_field=args.text_field,
@@ -165,4 +172,4 @@ def config_from_args(args) -> PipelineConfig:
                           masking=args.masking, static_copies=args.static_copies, seed=args.seed),
         masking=masking, filters=parse_filters(args.filters),
         dedup=DedupConfig(mode=args.dedup, ngram=args.minhash_ngram, bands=args.minhash_bands,
-                          rows=args.minhash_rows, threshold=args.minhash_threshold))
+                          rows=args.minhash_rows, threshold=args.minhash_threshold), pmi=pmi)

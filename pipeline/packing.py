@@ -37,17 +37,19 @@ class SeqBatch:
     word_starts: np.ndarray  # (B, L) bool
     lengths: np.ndarray      # (B,) int32
     doc_starts: np.ndarray   # (B, L) bool, True where a document starts inside a row (never at position 0)
+    unit_starts: np.ndarray | None = None  # (B, L) bool, PMI masking units (pipeline/pmi.py); None without them
 
     def __len__(self):
         return len(self.uids)
 
     def take(self, idx) -> "SeqBatch":
-        return SeqBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+        return SeqBatch(*(None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                          for f in dataclasses.fields(self)))
 
     @staticmethod
     def concat(batches: list["SeqBatch"]) -> "SeqBatch":
-        return SeqBatch(*(np.concatenate([getattr(b, f.name) for b in batches])
-                          for f in dataclasses.fields(SeqBatch)))
+        return SeqBatch(*(None if getattr(batches[0], f.name) is None else
+                          np.concatenate([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(SeqBatch)))
 
 
 def tokenize_group(encoder, docs: list[Doc]) -> tuple[list[TokDoc], list[Reject]]:
@@ -156,18 +158,26 @@ def make_uids(key: bytes, source: str, position: int, count: int) -> np.ndarray:
                                     "little") for i in range(count)], dtype=np.uint64)
 
 
-def pack_group(docs: list[TokDoc], *, packing: str, seq_len: int, info, key: bytes, dtype) -> tuple[SeqBatch, dict]:
-    """All sequences of a group's tokenized documents, and the group's counts."""
+def pack_group(docs: list[TokDoc], *, packing: str, seq_len: int, info, key: bytes, dtype,
+               units=None) -> tuple[SeqBatch, dict]:
+    """All sequences of a group's tokenized documents, and the group's counts; with units (a pipeline.pmi
+    Matcher) also their unit starts, cut into rows exactly as the word starts are."""
     batches = []
     tails = 0
-    for position, ids, ws, firsts in PACKERS[packing](docs, sep_id=info.sep_id):
+    streams = PACKERS[packing](docs, sep_id=info.sep_id)
+    unit_streams = [None] * len(streams) if units is None else PACKERS[packing](
+        [d._replace(word_starts=units.unit_starts(d.ids, d.word_starts)) for d in docs], sep_id=info.sep_id)
+    for (position, ids, ws, firsts), unit_stream in zip(streams, unit_streams, strict=True):
         tokens, starts, lengths = _chunks(ids, ws, seq_len=seq_len, prefix=info.prefix, suffix=info.suffix,
                                           pad_id=info.pad_id, dtype=dtype)
+        unit_starts = None if unit_stream is None else _chunks(
+            ids, unit_stream[2], seq_len=seq_len, prefix=info.prefix, suffix=info.suffix, pad_id=info.pad_id,
+            dtype=dtype)[1]
         tails += int(lengths[-1] < seq_len)
         uids = make_uids(key, docs[0].source, position, len(lengths))
         doc_starts = _doc_starts(firsts, n=len(lengths), seq_len=seq_len, prefix_len=len(info.prefix),
                                  suffix_len=len(info.suffix))
-        batches.append(SeqBatch(uids, tokens, starts, lengths, doc_starts))
+        batches.append(SeqBatch(uids, tokens, starts, lengths, doc_starts, unit_starts))
     batch = SeqBatch.concat(batches)
     stats = {"documents_written": len(docs), "sequences": len(batch), "tail_sequences": tails,
              "tokens": int(batch.lengths.sum()),

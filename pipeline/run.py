@@ -29,6 +29,7 @@ import time
 
 from maskstream.errors import UserError
 from maskstream.flags import Parser
+from maskstream.loader.maskconfig import SELECTIONS
 from maskstream.pipeline.config import MASKINGS, PACKINGS, TEXT_MODES, config_from_args
 from maskstream.pipeline.dask_runner import dask_runner, is_dask, register_options
 from maskstream.pipeline.dedup import DEDUP_MODES, DedupConfig
@@ -67,8 +68,15 @@ def parser(cls=Parser) -> argparse.ArgumentParser:
                    help="K, with --masking static (default 10)")
     p.add_argument("--mask-prob", "--mask_prob", type=float, default=0.15,
                    help="share of tokens masked (recorded in index.json; used for static masks)")
-    p.add_argument("--selection", choices=("token", "word", "span"), default="token",
-                   help="what a mask covers: single tokens, whole words, or spans of words")
+    p.add_argument("--selection", choices=SELECTIONS, default="token",
+                   help="what a mask covers: single tokens, whole words, spans of words, or pmi: PMI n-grams "
+                        "whole (Levine et al. 2021), found by the job (see --pmi-*)")
+    p.add_argument("--pmi-max-ngrams", "--pmi_max_ngrams", type=int, default=None,
+                   help="--selection pmi: most n-grams kept, half of them bigrams (default 20000)")
+    p.add_argument("--pmi-min-count", "--pmi_min_count", type=int, default=None,
+                   help="--selection pmi: n-grams seen fewer times are not scored (default 10)")
+    p.add_argument("--pmi-max-n", "--pmi_max_n", type=int, default=None,
+                   help="--selection pmi: longest n-gram in words (default 5)")
     p.add_argument("--whole-word", "--whole_word", action="store_true", help="same as --selection word")
     p.add_argument("--seed", type=int, default=0, help="keys the static masks")
     p.add_argument("--num-shards", "--num_shards", type=int, default=8, help="shard files to write")
@@ -106,6 +114,9 @@ def parse(argv, *, parser_class=Parser) -> tuple[argparse.Namespace, list[str]]:
     args, beam_args = p.parse_known_args(argv)
     if args.whole_word and args.selection != "token":
         p.error(f"--whole-word contradicts --selection {args.selection}; pass one of them")
+    given = [f for f in ("pmi_max_ngrams", "pmi_min_count", "pmi_max_n") if getattr(args, f) is not None]
+    if given and args.selection != "pmi":
+        p.error(f"--{given[0].replace('_', '-')} applies to --selection pmi only; add it or drop the flag")
     if args.static_copies is None:
         args.static_copies = 10 if args.masking == "static" else 0
     return args, beam_args

@@ -18,6 +18,7 @@ from maskstream.loader import format as fmt
 from maskstream.pipeline import store
 from maskstream.pipeline.config import data_hash
 from maskstream.pipeline.packing import SeqBatch, shard_order
+from maskstream.pipeline.pmi import VOCAB_FILE as UNITS_FILE
 from maskstream.pipeline.readers import REASONS
 from maskstream.pipeline.staging import INNER_STAGING, REMOTE_LOCK
 from maskstream.pipeline.store import is_local, join
@@ -64,7 +65,7 @@ def check_output(output: str, config: dict, *, overwrite: bool = False) -> list[
     shards = {fmt.shard_name(i) for i in range(config["shard"]["num_shards"])}
     if earlier is not None:
         shards |= {e.get("name") for e in earlier.get("shards", []) if isinstance(e, dict)}
-    own = {fmt.INDEX_FILE, TOKENIZER_FILE, f"{REJECTS_DIR}/{REJECTS_FILE}", *shards}
+    own = {fmt.INDEX_FILE, TOKENIZER_FILE, f"{REJECTS_DIR}/{REJECTS_FILE}", UNITS_FILE, *shards}
     own |= {name + fmt.PARTIAL_SUFFIX for name in own}
     # a staging folder and the lock inside OUT are the run's own (pipeline/staging.py), not foreign files
     foreign = sorted(f for f in store.files(folder)
@@ -94,8 +95,9 @@ def static_block(seqs: SeqBatch, *, shard_cfg, masking, vocab) -> tuple[np.ndarr
     import torch
 
     from maskstream.loader.masking import MaskingConfig, static_masks
+    starts = seqs.unit_starts if masking["selection"] == "pmi" else seqs.word_starts
     selected, inputs = static_masks(
-        torch.from_numpy(seqs.tokens.astype(np.int64)), torch.from_numpy(seqs.word_starts),
+        torch.from_numpy(seqs.tokens.astype(np.int64)), torch.from_numpy(starts),
         torch.from_numpy(seqs.lengths.astype(np.int64)), torch.from_numpy(seqs.uids.view(np.int64)),
         seed=shard_cfg.seed, copies=shard_cfg.static_copies, config=MaskingConfig.from_dict(masking),
         vocab=vocab)
@@ -117,7 +119,7 @@ def write_shard(output: str, shard: int, batches: list[SeqBatch], *, shard_cfg, 
         writer = fmt.ShardWriter(stream, fmt.shard_name(shard), vocab_size=info.vocab_size)
     for part in blocks_of(seqs, block_size(seq_len, dtype, shard_cfg.block_bytes)):
         block = fmt.Block(tokens=part.tokens, lengths=part.lengths, word_starts=part.word_starts, uids=part.uids,
-                          doc_starts=part.doc_starts)
+                          doc_starts=part.doc_starts, unit_starts=part.unit_starts)
         if shard_cfg.masking == "static":
             block.static_selected, block.static_inputs = static_block(part, shard_cfg=shard_cfg, masking=masking,
                                                                       vocab=info.vocab())
@@ -145,7 +147,7 @@ def sum_stats(dicts) -> dict:
 
 
 def build_index(*, entries, stats: dict, documents_read: int, rejects_by_reason: dict, config: dict, info,
-                inputs) -> dict:
+                inputs, units: dict | None = None) -> dict:
     """The index.json dict; fails (and so writes nothing) unless every document read is accounted for."""
     entries = sorted(entries, key=lambda e: e["name"])
     rejected = sum(rejects_by_reason.values())
@@ -166,7 +168,12 @@ def build_index(*, entries, stats: dict, documents_read: int, rejects_by_reason:
         static_copies=config["shard"]["static_copies"], masking_seed=config["shard"]["seed"],
         masking_config=config["masking"], config=config,
         inputs=[{"path": f.path, "key": f.key, "bytes": f.size} for f in inputs],
-        rejects=f"{REJECTS_DIR}/{REJECTS_FILE}")
+        rejects=f"{REJECTS_DIR}/{REJECTS_FILE}", **({"units": units} if units else {}))
+
+
+def write_units(output: str, data: bytes) -> None:
+    """The PMI n-gram vocabulary beside index.json (pipeline/pmi.py vocabulary_bytes)."""
+    _write_atomic(join(output, UNITS_FILE), data)
 
 
 def write_tokenizer(output: str, tokenizer_json: str) -> None:

@@ -30,7 +30,8 @@ from maskstream.loader import format as fmt
 from maskstream.loader.atomic import fsync_dir
 from maskstream.pipeline import store
 
-OWN = re.compile(r"^(index\.json|tokenizer\.json|rejects/rejects\.jsonl|shard-[0-9]{6}\.tar)(\.partial)?$")
+OWN = re.compile(r"^(index\.json|tokenizer\.json|pmi_ngrams\.json|rejects/rejects\.jsonl|shard-[0-9]{6}\.tar)"
+                 r"(\.partial)?$")
 _LOCK_TEMP = re.compile(r"^\.(?P<name>.+)\.lock\.(stale-)?[0-9]{8}-[0-9]{6}-(?P<pid>[0-9]+)-[0-9a-f]+(\.partial)?$")
 _STAGED = re.compile(r"^\.(?P<name>.+)\.(staging|old)-[0-9A-Za-z-]+$")
 INNER_STAGING = ".staging-"            # OUT/.staging-RUN/: where an in-place run writes

@@ -26,7 +26,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from maskstream.loader.format import token_dtype
-from maskstream.pipeline import packing, progress, readers, shards
+from maskstream.pipeline import packing, pmi, pmi_stages, progress, readers, shards
 from maskstream.pipeline.tokenizer import TokenizerRef
 
 NS = "maskstream"   # Beam metrics namespace
@@ -235,11 +235,15 @@ class _Pack(beam.DoFn):
     def __init__(self, pack_cfg, info, key: bytes):
         self.pack_cfg, self.info, self.key = pack_cfg, info, key
         self.counters = {n: Metrics.counter(NS, n) for n in ("documents_written", "sequences", "tokens")}
+        self.units = None   # (vocabulary, its pmi.Matcher), built once per worker
 
-    def process(self, element):
+    def process(self, element, vocabulary=None):
         _, tokdocs = element
+        if vocabulary is not None and (self.units is None or self.units[0] is not vocabulary):
+            self.units = vocabulary, pmi.Matcher(vocabulary)
         batch, stats = packing.pack_group(tokdocs, packing=self.pack_cfg.packing, seq_len=self.pack_cfg.seq_len,
-                                          info=self.info, key=self.key, dtype=token_dtype(self.info.vocab_size))
+                                          info=self.info, key=self.key, dtype=token_dtype(self.info.vocab_size),
+                                          units=self.units[1] if vocabulary is not None else None)
         for name, counter in self.counters.items():
             counter.inc(stats[name])
         yield DATA, batch
@@ -247,13 +251,15 @@ class _Pack(beam.DoFn):
 
 
 class Pack(beam.PTransform):
-    """Tokenized groups -> DATA SeqBatch of exactly-L sequences with uids; STATS per-group counts."""
-    def __init__(self, pack_cfg, info, key: bytes):
+    """Tokenized groups -> DATA SeqBatch of exactly-L sequences with uids (and, given a PMI vocabulary, unit
+    starts); STATS per-group counts."""
+    def __init__(self, pack_cfg, info, key: bytes, vocabulary=None):
         super().__init__()
-        self.pack_cfg, self.info, self.key = pack_cfg, info, key
+        self.pack_cfg, self.info, self.key, self.vocabulary = pack_cfg, info, key, vocabulary
 
     def expand(self, tokdocs):
-        return tokdocs | "PackGroup" >> beam.ParDo(_Pack(self.pack_cfg, self.info, self.key))
+        side = {} if self.vocabulary is None else {"vocabulary": beam.pvalue.AsSingleton(self.vocabulary)}
+        return tokdocs | "PackGroup" >> beam.ParDo(_Pack(self.pack_cfg, self.info, self.key), **side)
 
 
 class AssignShards(beam.PTransform):
@@ -322,7 +328,7 @@ class _Gather(beam.CombineFn):
         return acc
 
 
-def _finish(gathered, *, config: dict, info, inputs, tokenizer: TokenizerRef) -> dict:
+def _finish(gathered, *, config: dict, info, inputs, tokenizer: TokenizerRef, units: dict | None = None) -> dict:
     """Write rejects.jsonl and the tokenizer, check that every document is accounted for, then index.json.
 
     NOTE: when no document was written there is no index.json: a 0-sequence folder must not look like a
@@ -330,9 +336,12 @@ def _finish(gathered, *, config: dict, info, inputs, tokenizer: TokenizerRef) ->
     output = config["shard"]["output"]
     by_reason = shards.write_rejects(output, gathered["reject"])
     shards.write_tokenizer(output, tokenizer.text())
+    if units is not None:   # the PMI vocabulary (pipeline/pmi.py), listed in index.json with its sha256
+        shards.write_units(output, pmi.vocabulary_bytes(units))
     stats = dict(gathered["stats"])
     index = shards.build_index(entries=gathered["entry"], stats=stats, documents_read=stats.pop("documents_read", 0),
-                               rejects_by_reason=by_reason, config=config, info=info, inputs=inputs)
+                               rejects_by_reason=by_reason, config=config, info=info, inputs=inputs,
+                               units=None if units is None else pmi.index_entry(units))
     if index["counts"].get("documents_written", 0) == 0:
         return index
     shards.write_index(output, index)
@@ -342,17 +351,18 @@ def _finish(gathered, *, config: dict, info, inputs, tokenizer: TokenizerRef) ->
 class WriteIndex(beam.PTransform):
     """Shard entries, rejects and counts -> rejects.jsonl and tokenizer.json, then index.json, once every shard
     is written."""
-    def __init__(self, config, info, inputs, tokenizer: TokenizerRef):
+    def __init__(self, config, info, inputs, tokenizer: TokenizerRef, vocabulary=None):
         super().__init__()
         self.config, self.info, self.inputs = config.to_dict(), info, inputs   # a plain dict: no torch import
-        self.tokenizer = tokenizer
+        self.tokenizer, self.vocabulary = tokenizer, vocabulary
 
     def expand(self, parts):
         # NOTE: CombineGlobally waits for its whole input, so index.json is written after the last shard.
+        side = {} if self.vocabulary is None else {"units": beam.pvalue.AsSingleton(self.vocabulary)}
         return (parts
                 | "Gather" >> beam.CombineGlobally(_Gather()).without_defaults()   # never empty: STATS per file
                 | "Write" >> beam.Map(_finish, config=self.config, info=self.info, inputs=self.inputs,
-                                      tokenizer=self.tokenizer))
+                                      tokenizer=self.tokenizer, **side))
 
 
 def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]], threads: bool = False,
@@ -367,7 +377,9 @@ def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]]
     clean = read | "Records" >> Data() | "Clean" >> Clean(config.source)
     docs, curated = curate(clean | "Docs" >> Data(), config)
     tok = docs | "Tokenize" >> Tokenize(tokenizer, threads=threads)
-    packed = tok | "TokDocs" >> Data() | "Pack" >> Pack(config.pack, info, config.data_hash())
+    tokdocs = tok | "TokDocs" >> Data()
+    vocabulary = None if config.pmi is None else tokdocs | "FindUnits" >> pmi_stages.FindUnits(config.pmi)
+    packed = tokdocs | "Pack" >> Pack(config.pack, info, config.data_hash(), vocabulary)
     sequences = packed | "Sequences" >> Data()
     entries = (sequences
                | "AssignShards" >> AssignShards(config.shard.num_shards)
@@ -378,5 +390,6 @@ def build(p, *, config, info, tokenizer_json: str, inputs: list[tuple[str, int]]
              *curated,
              tok | "TokenizeRejects" >> Side(),
              packed | "PackCounts" >> Side()]
-    index = parts | "Flatten" >> beam.Flatten() | "WriteIndex" >> WriteIndex(config, info, inputs, tokenizer)
+    index = parts | "Flatten" >> beam.Flatten() | "WriteIndex" >> WriteIndex(config, info, inputs, tokenizer,
+                                                                             vocabulary)
     return {"docs": docs, "sequences": sequences, "entries": entries, "index": index}

@@ -213,7 +213,7 @@ def test_bad_config_and_out_of_vocab_ids_are_refused():
 
 @pytest.mark.slow
 @pytest.mark.gpu
-@pytest.mark.parametrize("selection", ["token", "word", "span"])
+@pytest.mark.parametrize("selection", ["token", "word", "span", "pmi"])
 @pytest.mark.parametrize("count", ["exact", "bernoulli"])
 def test_cpu_and_gpu_masks_are_bit_identical(bert_batch, selection, count):
     tokens, ws, vocab = bert_batch
