@@ -30,7 +30,8 @@ def test_the_readme_lists_examples_to_run():
     readme = (ROOT / "README.md").read_text()
     commands = blocks(section(readme, "The commands"), "bash")
     assert len(commands) >= 6 and all(block.strip() for block in commands)
-    assert len(blocks(section(readme, "The loader in your own training loop"), "python")) >= 1
+    python = blocks(section(readme, "The loader in your own training loop"), "python")
+    assert len(python) >= 2 and any("mask_batch(" in block for block in python)
 
 
 @pytest.mark.slow
@@ -48,7 +49,9 @@ def test_every_command_example_and_the_loader_snippet_run_as_written(tmp_path):
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"README example failed:\n{block}\n--- stderr ---\n{done.stderr[-3000:]}"
     assert (tmp_path / "runs" / "tiny" / "loss.png").is_file()
-    snippet = blocks(section(readme, "The loader in your own training loop"), "python")[0]
-    done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, f"README loader snippet failed:\n{done.stderr[-3000:]}"
+    python = blocks(section(readme, "The loader in your own training loop"), "python")
+    # the training-loop snippet and the masking rule's; the mixture example names paths of your own
+    for snippet in [python[0], *(b for b in python if "mask_batch(" in b)]:
+        done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, f"README snippet failed:\n{snippet}\n--- stderr ---\n{done.stderr[-3000:]}"
