@@ -16,13 +16,15 @@ to the mixture file. The stream is one endless run of global batches of G = worl
    steps (the partitions it has given least to first);
 3. sources: partition q reads its own sub-stream of each source: pass pi of source i is the source's epoch
    stream for epoch pi (records and sequences permuted by (seed, pi), as for one dataset) cut into P chunks of
-   N_i // P; chunk q of pass 0, then of pass 1, ... (the N_i % P sequences at a pass's end are skipped, others
-   each pass). A sequence's masks are keyed by (seed, pass, uid): an upsampled source gets a fresh order and
-   fresh masks on every pass, and no sequence repeats within a pass.
+   N_i // P on record boundaries, as one dataset's partitions are; chunk q of pass 0, then of pass 1, ... (the
+   N_i % P sequences no chunk takes are skipped, others each pass). A sequence's masks are keyed by (seed,
+   pass, uid): an upsampled source gets a fresh order and fresh masks on every pass, and no sequence repeats
+   within a pass.
 
 Everything is a pure function of (sources, weights, seed, G, P, step): any worker count, any world size that
 divides P (rank r owns partitions [r*P/W, (r+1)*P/W)), and exact resume from the step alone. The counts of
-steps before s are replayed (tens of microseconds a step), from the nearest snapshot kept in the process.
+steps before s are replayed (tens of microseconds a step), from the nearest cursor kept in the process; a
+loader state carries the cursors of its epoch's start and of its step, so resuming replays nothing before them.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from maskstream.errors import UserError
-from maskstream.loader.order import BatchSpec, epoch_order
+from maskstream.loader.order import BatchSpec, cut_partitions, epoch_order
 
 SNAPSHOT_EVERY = 1024  # steps between the cursors a process keeps; cursor(s) replays from the nearest below s
 
@@ -189,6 +191,30 @@ class Cursor:
     def copy(self) -> Cursor:
         return Cursor(self.step, list(self.credit), list(self.taken), [list(js) for js in self.taken_by])
 
+    def to_list(self) -> list:
+        return [self.step, list(self.credit), list(self.taken), [list(js) for js in self.taken_by]]
+
+    @classmethod
+    def from_list(cls, value, plan: MixPlan) -> Cursor:
+        """A cursor saved by to_list() in a loader state, checked against what every cursor of `plan` obeys."""
+        try:
+            step, credit, taken, taken_by = value
+            cur = cls(int(step), [int(c) for c in credit], [int(a) for a in taken],
+                      [[int(j) for j in js] for js in taken_by])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"loader state mix_cursors: {value!r:.200} is not [step, credits, taken, "
+                             f"taken_by] ({e})") from None
+        k, p, g = len(plan.share), plan.partitions, plan.global_batch // plan.partitions
+        if not (cur.step >= 0 and len(cur.credit) == len(cur.taken) == len(cur.taken_by) == k
+                and all(len(js) == p and min(js) >= 0 for js in cur.taken_by)
+                and all(a == sum(js) for a, js in zip(cur.taken, cur.taken_by, strict=True))
+                and all(sum(col) == cur.step * g for col in zip(*cur.taken_by, strict=True))
+                and sum(cur.credit) == 0):
+            raise ValueError(f"loader state mix_cursors: the cursor of step {cur.step} does not fit this mixture "
+                             f"({k} sources, {p} partitions of {g} sequences a step); the checkpoint is damaged "
+                             f"or from another mixture")
+        return cur
+
 
 @dataclass
 class MixPlan:
@@ -199,6 +225,7 @@ class MixPlan:
     partitions: int
     seed: int
     steps_per_epoch: int
+    layout: str = "records"  # how each pass is cut into partitions (order.cut_partitions)
     _snapshots: dict = field(default_factory=dict, repr=False)
     _orders: dict = field(default_factory=dict, repr=False)
 
@@ -252,6 +279,10 @@ class MixPlan:
                     room[q] -= 1
         return rows
 
+    def keep(self, cur: Cursor) -> None:
+        """Keep a known cursor (a loader state's), so that cursor(s) for s >= its step replays from it."""
+        self._snapshots[cur.step] = cur.copy()
+
     def cursor(self, step: int) -> Cursor:
         """A copy of the cursor before global step `step`, replayed from the nearest kept snapshot."""
         k = len(self.share)
@@ -275,13 +306,13 @@ class MixPlan:
         while count:
             pss, off = divmod(first, chunk)
             n = min(count, chunk - off)
-            order = self._orders.get((source, pss))
-            if order is None:  # the few passes a worker is reading are kept
+            parts = self._orders.get((source, pss))
+            if parts is None:  # the few passes a worker is reading are kept
                 if len(self._orders) > 4 * len(self.tables):
                     self._orders.clear()
-                order = self._orders[source, pss] = epoch_order(self.tables[source], seed=self.seed, epoch=pss,
-                                                                source=source)
-            out += order.segments(partition * chunk + off, n)
+                order = epoch_order(self.tables[source], seed=self.seed, epoch=pss, source=source)
+                parts = self._orders[source, pss] = cut_partitions(order, self.partitions, chunk, self.layout)
+            out += parts.segments(partition, off, n)
             first, count = first + n, count - n
         return out
 

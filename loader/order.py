@@ -6,10 +6,16 @@ record's byte offset and sequence count). For an epoch:
 1. the global list of records is permuted by a keyed hash of (seed, epoch, record number);
 2. within each record, sequences are permuted by a keyed hash of (seed, epoch, uid);
 3. concatenated, this is the global epoch stream of N sequences, a pure function of (seed, epoch);
-4. the stream is cut into P canonical partitions of nb * g sequences each, where G = world * B is the global
-   batch, g = G / P and nb = N // G with remainder "drop" (the N - nb*G sequences at the stream's end are
-   dropped, different ones every epoch since the order changes) or ceil with "wrap" (the stream is extended
-   from its start); global batch b is, partition after partition, positions [q*nb*g + b*g, +g) of each q;
+4. the stream is cut into P canonical partitions of S = nb * g sequences each, where G = world * B is the
+   global batch, g = G / P and nb = N // G with remainder "drop" (N - nb*G sequences are left out, different
+   ones every epoch since the order changes) or ceil with "wrap" (the stream is extended from its start).
+   Partitions are cut on record boundaries (`cut_partitions`): partition q takes the next whole records of
+   the stream while they fit in S, and its last S - (what they hold) sequences are a piece of one of the
+   records after the last partition's run (fillers, given out best fit). A partition thus reads at most one
+   record it does not wholly consume, where cutting the stream at q*S would cut two (one at each end);
+   the filler sequences no partition takes are the ones left out. With "wrap" (P*S > N) the extended
+   stream is cut at q*S, so that every sequence is taken at least once. Global batch b is, partition after
+   partition, positions [b*g, (b+1)*g) of each partition q;
 5. rank r owns the partitions [r*P/W, (r+1)*P/W) and its batch b is their slices of global batch b, so a rank
    reads only its partitions' records, and every W that divides P gives the same global batches (elastic
    resume: W*B = W'*B'). P defaults to the world size, which is the plain contiguous split per rank;
@@ -30,6 +36,7 @@ import numpy as np
 from maskstream.errors import UserError
 
 REMAINDERS = ("drop", "wrap")
+LAYOUTS = ("records", "contiguous")  # contiguous: partition q is stream positions [q*S, (q+1)*S) (before v3)
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -145,6 +152,84 @@ def epoch_order(table: RecordTable, *, seed: int, epoch: int, source: int = 0) -
 
 
 @dataclass(frozen=True)
+class Partitions:
+    """A stream cut into P partitions of `size` sequences, each a few spans (stream position, length)."""
+    order: Order
+    size: int
+    spans: tuple[tuple[tuple[int, int], ...], ...]
+
+    def segments(self, partition: int, first: int, count: int) -> list[Segment]:
+        """The record segments of positions [first, first + count) of one partition."""
+        if not 0 <= first <= first + count <= self.size:
+            raise IndexError(f"positions [{first}, {first + count}) outside a partition of {self.size}")
+        out = []
+        for start, length in self.spans[partition]:
+            if count and first < length:
+                n = min(count, length - first)
+                out += self.order.segments(start + first, n)
+                count -= n
+            first = max(0, first - length)
+        return out
+
+
+def cut_partitions(order: Order, partitions: int, size: int, layout: str = "records") -> Partitions:
+    """Stage 4 of the order: P partitions of `size` sequences from the stream.
+
+    "records": each partition is a run of whole records (the next ones of the stream while they fit) and then
+    filler pieces for the rest, cut from the records after the last run: the partitions' needs, largest first,
+    each from the filler with the least room that holds all of it (best fit; the roomiest gives what it has when
+    none does), so a partition touches one record it does not wholly consume and rarely two. When that cut
+    makes some partition read more sequences it does not consume than the plain cut at q * S would (records
+    larger than a partition, or little left over to fill from), the plain cut is taken: the worst partition
+    never reads more than it does there.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; choose one of {LAYOUTS}")
+    n, starts = order.num_sequences, order.starts
+    plain = Partitions(order, size, tuple(((q * size, size),) for q in range(partitions)))
+    if layout == "contiguous" or partitions * size > n:  # wrap: the stream is extended from its start
+        return plain
+
+    def record_at(pos: int) -> tuple[int, int]:  # (start, length) of the record holding stream position pos
+        copy, p = divmod(pos, n)
+        j = bisect.bisect_right(starts, p) - 1
+        return copy * n + starts[j], starts[j + 1] - starts[j]
+
+    def worst_waste(parts: Partitions) -> int:  # the most sequences a partition reads and does not consume
+        def waste(start, length):
+            head, _ = record_at(start)
+            tail, last = record_at(start + length - 1)
+            return start - head + tail + last - start - length
+        return max(sum(waste(*span) for span in spans) for spans in parts.spans)
+
+    runs, pos = [], 0
+    for _ in range(partitions):
+        start, _ = record_at(pos + size)  # the whole records from pos that fit end where this one starts
+        runs.append((pos, start - pos))
+        pos = start
+    needs = [size - length for _, length in runs]
+    fillers = []
+    while pos < n:
+        fillers.append(record_at(pos))
+        pos += fillers[-1][1]
+    room = sorted((length, i) for i, (_, length) in enumerate(fillers))  # (room left, filler)
+    pieces = [[] for _ in range(partitions)]
+    for q in sorted(range(partitions), key=lambda q: (-needs[q], q)):
+        need = needs[q]
+        while need:
+            k = min(bisect.bisect_left(room, (need, -1)), len(room) - 1)
+            left, i = room.pop(k)
+            take = min(need, left)
+            start, length = fillers[i]
+            pieces[q].append((start + length - left, take))
+            need -= take
+            if left > take:
+                bisect.insort(room, (left - take, i))
+    cut = Partitions(order, size, tuple(((run,) if run[1] else ()) + tuple(pieces[q]) for q, run in enumerate(runs)))
+    return cut if worst_waste(cut) <= worst_waste(plain) else plain
+
+
+@dataclass(frozen=True)
 class EpochPlan:
     """The epoch stream of one (seed, epoch), cut into canonical partitions and equal per-rank batches."""
     order: Order
@@ -152,6 +237,7 @@ class EpochPlan:
     world_size: int
     batches_per_rank: int
     partitions: int
+    parts: Partitions
 
     @property
     def records(self) -> np.ndarray:
@@ -177,7 +263,7 @@ class EpochPlan:
         g = self.batch_size // per_rank  # sequences each partition gives to a global batch
         segments = []
         for q in range(rank * per_rank, (rank + 1) * per_rank):
-            segments += self.order.segments((q * self.batches_per_rank + b) * g, g)
+            segments += self.parts.segments(q, b * g, g)
         return BatchSpec(b, tuple(segments))
 
     def specs(self, rank: int, start_batch: int = 0):
@@ -221,14 +307,15 @@ def remainder_counts(n: int, nb: int, *, batch_size: int, world_size: int) -> tu
 
 
 def plan_epoch(table: RecordTable, *, seed: int, epoch: int, batch_size: int, world_size: int,
-               remainder: str, partitions: int = 0) -> EpochPlan:
-    """Stages 1 and 2 of the order: permute the records, then size the equal partitions and per-rank share."""
+               remainder: str, partitions: int = 0, layout: str = "records") -> EpochPlan:
+    """Stages 1 to 4 of the order: permute the records, size the equal partitions, cut them from the stream."""
     if remainder not in REMAINDERS:
         raise ValueError(f"remainder={remainder!r}; choose one of {REMAINDERS}")
     p = check_partitions(partitions, world_size=world_size, batch_size=batch_size)
     order = epoch_order(table, seed=seed, epoch=epoch)
     nb = batches_per_rank(order.num_sequences, batch_size=batch_size, world_size=world_size, remainder=remainder)
-    return EpochPlan(order, batch_size, world_size, nb, p)
+    parts = cut_partitions(order, p, nb * world_size * batch_size // p, layout)
+    return EpochPlan(order, batch_size, world_size, nb, p, parts)
 
 
 def split_by_rank(plan: EpochPlan, rank: int, start_batch: int = 0):

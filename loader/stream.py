@@ -27,6 +27,7 @@ from maskstream.loader import cache as record_cache
 from maskstream.loader import masking as masking_rule
 from maskstream.loader import mixture as mix
 from maskstream.loader.order import (
+    LAYOUTS,
     REMAINDERS,
     RecordTable,
     batches_per_rank,
@@ -37,7 +38,10 @@ from maskstream.loader.order import (
 from maskstream.loader.stages import Dataset, EpochStream, finish_rows, load_index, static_copies, to_device
 from maskstream.loader.storage import IOConfig, SourceError, open_source
 
-STATE_VERSION = 2  # 2 added partitions (elastic resume); a version-1 state had partitions = its world size
+# 2 added partitions (elastic resume); a version-1 state had partitions = its world size. 3 cuts partitions on
+# record boundaries (layout "records"); older states resume with the contiguous cut they were saved with, and
+# a mixture's state carries its cursors, so that resuming does not replay the steps before it.
+STATE_VERSION = 3
 MASK_ON = ("device", "worker")
 
 
@@ -122,6 +126,7 @@ class MLMLoader:
             raise UserError(f"{lacking[0]} has no PMI masking units, which selection 'pmi' needs; preprocess it "
                             f"with `maskstream preprocess ... --selection pmi`, or choose another selection")
         self.partitions = check_partitions(config.partitions, world_size=world_size, batch_size=config.batch_size)
+        self.layout = "records"  # a state of version < 3 sets "contiguous" (order.cut_partitions)
         self._plan_stream()
         self.epoch, self.sequences_consumed = 0, 0
         self.mask_rate: float | None = None  # set_mask_rate: a schedule's rate for the next batches
@@ -146,7 +151,8 @@ class MLMLoader:
                                  remainder=cfg.remainder, source=f"an epoch of {self.root}")
         self.fingerprint = mix.fingerprint(self.mixture, self.datasets, share, size)
         self.mix_plan = mix.MixPlan(tuple(ds.table for ds in self.datasets), tuple(share),
-                                    cfg.batch_size * self.world_size, self.partitions, cfg.seed, steps)
+                                    cfg.batch_size * self.world_size, self.partitions, cfg.seed, steps,
+                                    self.layout)
         self.batches_per_epoch = steps
 
     @property
@@ -181,7 +187,8 @@ class MLMLoader:
         if self.mix_plan is not None:
             return self.mix_plan.epoch(epoch, self.world_size, start)
         return plan_epoch(self.table, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
-                          world_size=self.world_size, remainder=cfg.remainder, partitions=self.partitions)
+                          world_size=self.world_size, remainder=cfg.remainder, partitions=self.partitions,
+                          layout=self.layout)
 
     def _epoch_stats(self, epoch: int) -> dict:
         cfg, nb = self.config, self.batches_per_epoch
@@ -227,12 +234,17 @@ class MLMLoader:
             yield out
 
     def state_dict(self) -> dict:
-        """A small flat dict: where this rank is, and what must match to resume."""
+        """A small dict: where this rank is, what must match to resume, and for a mixture its cursors."""
         c = self.config
-        return {"format_version": STATE_VERSION, "epoch": self.epoch, "sequences_consumed": self.sequences_consumed,
-                "seed": c.seed, "world_size": self.world_size, "num_workers": c.num_workers,
-                "batch_size": c.batch_size, "remainder": c.remainder, "partitions": self.partitions,
-                "dataset": self.fingerprint}
+        state = {"format_version": STATE_VERSION, "epoch": self.epoch,
+                 "sequences_consumed": self.sequences_consumed, "seed": c.seed, "world_size": self.world_size,
+                 "num_workers": c.num_workers, "batch_size": c.batch_size, "remainder": c.remainder,
+                 "partitions": self.partitions, "layout": self.layout, "dataset": self.fingerprint}
+        if self.mix_plan is not None:  # the cursors at the epoch's start and here (JSON-ready lists)
+            first = self.epoch * self.batches_per_epoch
+            state["mix_cursors"] = [self.mix_plan.cursor(s).to_list()
+                                    for s in sorted({first, first + self.sequences_consumed // c.batch_size})]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from state_dict(), on any world size W' with W' x batch_size = the state's global batch.
@@ -240,9 +252,9 @@ class MLMLoader:
         Refuses a state from another dataset (or mixture), seed, remainder mode or global batch, and one whose
         partitions this world size cannot share. A different num_workers is fine: the batches do not depend on it.
         """
-        if state.get("format_version") not in (1, STATE_VERSION):
+        if state.get("format_version") not in range(1, STATE_VERSION + 1):
             raise ValueError(f"loader state format_version={state.get('format_version')!r}; this loader reads "
-                             f"versions 1 and {STATE_VERSION}")
+                             f"versions 1 to {STATE_VERSION}")
         mine = self.state_dict()
         for key, fix in (("dataset", "resume on the dataset or mixture the checkpoint was trained on "
                                      "(an index.json, a weight or the epoch size differs)"),
@@ -264,8 +276,17 @@ class MLMLoader:
         if consumed % batch or not 0 <= consumed <= nb * batch:
             raise ValueError(f"loader state sequences_consumed={consumed} is not a whole number of batches of "
                              f"{batch} within the epoch's {nb} batches")
+        layout = state.get("layout", "contiguous")  # versions 1 and 2 cut the stream at q * S
+        if layout not in LAYOUTS:
+            raise ValueError(f"loader state layout={layout!r}; this loader knows {LAYOUTS}")
+        if layout != self.layout:
+            self.layout = layout
+            self._plan_stream()
         self._adopt_partitions(int(state.get("partitions", world)))
         self.epoch, self.sequences_consumed = int(state["epoch"]), consumed // batch * self.config.batch_size
+        if self.mix_plan is not None:
+            for cursor in state.get("mix_cursors", []):
+                self.mix_plan.keep(mix.Cursor.from_list(cursor, self.mix_plan))
 
     def _adopt_partitions(self, partitions: int) -> None:
         """The checkpoint's canonical partitions (they fix the global batches), if this world size can share them."""

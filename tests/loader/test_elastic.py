@@ -135,7 +135,8 @@ class ByteCounter:
 def test_each_rank_reads_little_more_than_the_bytes_of_the_sequences_it_consumes(tmp_path):
     """Bytes read per rank / bytes consumed (a record's bytes shared by its sequences), W = 1, 2, 4, 8.
 
-    What is read beyond: the records cut by a partition boundary (P per epoch) are read by both partitions.
+    What is read beyond: the record each partition takes only part of (partitions are cut on record boundaries
+    and filled up from the records after them, order.cut_partitions).
     """
     sizes = [4 + (i * 7) % 9 for i in range(96)]  # 96 records of 4..12 sequences
     records = build_dataset(tmp_path / "small-records", [sizes[:48], sizes[48:]])
@@ -154,4 +155,4 @@ def test_each_rank_reads_little_more_than_the_bytes_of_the_sequences_it_consumes
             collect(loader)
             ratios[world, rank] = counter.bytes / consumed
     print({k: round(v, 3) for k, v in ratios.items()})
-    assert max(ratios.values()) <= 1.25
+    assert max(ratios.values()) <= 1.15  # cut at q * S: up to 1.14 here

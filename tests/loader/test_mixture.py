@@ -182,3 +182,38 @@ def test_a_state_of_another_mixture_is_refused(sources):
     with pytest.raises(ValueError, match="dataset=.* in the checkpoint but .* here; resume on the dataset or "
                                          "mixture the checkpoint was trained on"):
         MLMLoader(mix_file, LoaderConfig(batch_size=20)).load_state_dict(state)
+
+
+def test_a_resumed_mixture_replays_no_step_before_its_state(sources, monkeypatch):
+    """The state carries the cursors of its epoch's start and of its step: a fresh process resuming at step k of
+    epoch 3 advances only from there, and yields the batches an uninterrupted run yields."""
+    mix_file, _ = sources
+    first = MLMLoader(mix_file, LoaderConfig(batch_size=20, partitions=4, seed=9))
+    first.set_epoch(3)
+    collect(first, limit=4)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint holds
+    assert [c[0] for c in state["mix_cursors"]] == [30, 34]
+    reference = global_batches(mix_file, 1, 20, epochs=(3,))
+    steps = []
+    advance = MixPlan.advance
+    monkeypatch.setattr(MixPlan, "advance", lambda self, cur: steps.append(cur.step) or advance(self, cur))
+    resumed = MLMLoader(mix_file, LoaderConfig(batch_size=10, partitions=4, seed=9), world_size=2)
+    resumed.load_state_dict(state)
+    rest = global_batches(mix_file, 2, 10, epochs=(3,), state=state)
+    assert same(rest, reference[4:])
+    steps.clear()
+    assert same(collect(resumed), [{k: v[:10] for k, v in b.items()} for b in reference[4:]])  # rank 0's rows
+    assert min(steps) >= 30, "replayed steps before the state's epoch"
+
+
+@pytest.mark.parametrize("damage", [lambda c: c[2].__setitem__(0, c[2][0] + 1),   # taken != sum over partitions
+                                    lambda c: c[1].__setitem__(0, c[1][0] + 1),   # credits no longer sum to 0
+                                    lambda c: c[3].pop()])                        # a source missing
+def test_a_damaged_mixture_cursor_is_refused(sources, damage):
+    mix_file, _ = sources
+    loader = MLMLoader(mix_file, LoaderConfig(batch_size=20, partitions=4))
+    collect(loader, limit=3)
+    state = loader.state_dict()
+    damage(state["mix_cursors"][-1])
+    with pytest.raises(ValueError, match="mix_cursors: .*does not fit this mixture|is not \\[step"):
+        MLMLoader(mix_file, LoaderConfig(batch_size=20, partitions=4)).load_state_dict(state)

@@ -2,11 +2,12 @@
 batches are cut (workers, batch size, masking place)."""
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from helpers import build_dataset, collect, dataset_uids
 
-from maskstream.loader.order import RecordTable, plan_epoch
+from maskstream.loader.order import LAYOUTS, RecordTable, cut_partitions, epoch_order, plan_epoch
 from maskstream.loader.stream import LoaderConfig, MLMLoader
 
 
@@ -122,3 +123,60 @@ def test_static_dataset_uses_stored_copy_epoch_mod_k(tmp_path, data_dir):
     with pytest.raises(ValueError, match="static masks"):
         MLMLoader(root, LoaderConfig(), masking=masking.MaskingConfig(mask_prob=0.3))
     assert VOCAB.mask_id == 103
+
+
+def synthetic_table(sizes) -> RecordTable:
+    """A record table without shards (the order needs only the sequence counts)."""
+    r = len(sizes)
+    return RecordTable(np.zeros(r, np.int64), np.arange(r), np.arange(r) + 1, np.asarray(sizes, np.int64))
+
+
+def waste(order, partition_segments) -> int:
+    """Sequences of the records a partition touches that it does not consume."""
+    sizes = dict(zip(order.records.tolist(), np.diff(order.starts).tolist(), strict=True))
+    used = Counter()
+    for s in partition_segments:
+        used[s.record] += s.hi - s.lo
+    return sum(sizes[r] - k for r, k in used.items())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_partitions_cut_on_record_boundaries_take_each_sequence_once_and_never_waste_more(seed):
+    """Random record sizes and shapes: every partition holds exactly S sequences, no sequence twice, the
+    N - P*S left out; the worst partition reads no more beyond what it consumes than the cut at q*S does."""
+    rng = np.random.default_rng(seed)
+    largest = int(rng.choice([8, 64, 512]))
+    sizes = rng.integers(1, largest + 1, size=int(rng.integers(3, 60)))
+    if seed % 2:
+        sizes[:-1] = largest  # a writer's records: all full but a shard's last
+    partitions = int(rng.choice([1, 2, 4, 8, 16]))
+    g = partitions * int(rng.choice([1, 2, 8, 32]))
+    n = int(sizes.sum())
+    if n < g:
+        pytest.skip("fewer sequences than one global batch")
+    size = n // g * g // partitions
+    order = epoch_order(synthetic_table(sizes), seed=seed, epoch=0)
+    worst = {}
+    for layout in LAYOUTS:
+        parts = cut_partitions(order, partitions, size, layout)
+        taken = Counter()
+        for q in range(partitions):
+            segments = parts.segments(q, 0, size)
+            assert sum(s.hi - s.lo for s in segments) == size
+            taken.update((s.record, i) for s in segments for i in range(s.lo, s.hi))
+        assert max(taken.values()) == 1 and len(taken) == partitions * size
+        worst[layout] = max(waste(order, parts.segments(q, 0, size)) for q in range(partitions))
+    assert worst["records"] <= worst["contiguous"]
+
+
+def test_on_full_records_a_partition_reads_at_most_one_record_it_does_not_wholly_consume():
+    """The bench's SOTU shape (4 shards of 8 records of 512 and one of ~80; 8 partitions of 2080): the cut at
+    q*S makes a partition read up to two records it consumes part of; cut on record boundaries, one."""
+    sizes = ([512] * 8 + [82]) * 3 + [512] * 8 + [79]
+    size = sum(sizes) // 256 * 256 // 8
+    for epoch in range(20):
+        order = epoch_order(synthetic_table(sizes), seed=0, epoch=epoch)
+        parts = cut_partitions(order, 8, size)
+        assert max(waste(order, parts.segments(q, 0, size)) for q in range(8)) < 512
+    plain = cut_partitions(order, 8, size, "contiguous")
+    assert max(waste(order, plain.segments(q, 0, size)) for q in range(8)) > 512
