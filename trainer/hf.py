@@ -9,7 +9,8 @@
   exactly (pre-norm blocks, rotate-half rotary positions on q and k, a final LayerNorm, the dense-GELU-LayerNorm
   head with a decoder tied to the embeddings), so no custom code and no trust_remote_code is needed.
   (ModernBERT is close but normalizes the embeddings and uses a gated MLP; RoFormer is post-norm.)
-- MLMTrainer: a transformers.Trainer whose training batches, masks included, come from an MLMLoader.
+- MLMTrainer: a transformers.Trainer whose training and evaluation batches, masks included, come from
+  MLMLoaders.
 
 This module is the one place that imports transformers; the rest of maskstream never needs it.
 """
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from maskstream.errors import MissingPath, UserError
 from maskstream.flags import Parser
 from maskstream.loader.maskconfig import IGNORE_INDEX
+from maskstream.loader.stream import MLMLoader
 from maskstream.trainer.model import MLMEncoder
 
 HF_DIR = "hf"    # RUN/hf/: what `maskstream train --hf-config` and `export-hf` write
@@ -209,7 +211,7 @@ def export_main(argv: list[str] | None = None) -> int:
 # ---- transformers.Trainer ----------------------------------------------------------------------------------
 
 class TrainerBatches:
-    """An MLMLoader as a Trainer's train dataloader: each masked batch as the keyword arguments of a masked LM.
+    """An MLMLoader as a Trainer's dataloader: each masked batch as the keyword arguments of a masked LM.
     Its length is the loader's epoch, so the Trainer's epochs are the loader's epochs."""
 
     def __init__(self, loader):
@@ -236,9 +238,18 @@ class MLMTrainer(transformers.Trainer):
     is the per-device batch size; build it on `args.device`, with this process's rank and world size.
 
     Every checkpoint holds the loader's state_dict (LOADER_STATE), and `train(resume_from_checkpoint=...)`
-    restores it, so a resumed run reads exactly the batches and masks the uninterrupted one would have."""
+    restores it, so a resumed run reads exactly the batches and masks the uninterrupted one would have.
 
-    def __init__(self, *args, train_loader, **kwargs):
+    `eval_loader=` (an MLMLoader, or a dict of them by name, as eval_dataset takes datasets) is what
+    `evaluate()` and the `eval_strategy` evaluations score, each time from epoch 0: the same batches and masks
+    every time. `maskstream.trainer.evaluate.eval_loader(...)` builds one with the fixed evaluation mask."""
+
+    def __init__(self, *args, train_loader, eval_loader=None, **kwargs):
+        if eval_loader is not None and kwargs.get("eval_dataset") is not None:
+            raise UserError("MLMTrainer got both eval_loader= and eval_dataset=; pass one (an MLMLoader goes in "
+                            "eval_loader=)")
+        if eval_loader is not None:
+            kwargs["eval_dataset"] = eval_loader   # so the Trainer's checks of eval_strategy see it
         super().__init__(*args, **kwargs)
         self.train_loader = train_loader
         # NOTE: the Trainer's own data skip on resume (accelerate's skip_first_batches) needs a torch DataLoader;
@@ -248,6 +259,17 @@ class MLMTrainer(transformers.Trainer):
 
     def get_train_dataloader(self):
         return TrainerBatches(self.train_loader)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        loader = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(loader, str) and isinstance(self.eval_dataset, dict):   # one of a dict's, by name
+            loader = self.eval_dataset.get(loader)
+        if not isinstance(loader, MLMLoader):   # a datasets.Dataset with a collator: the Trainer's own way
+            return super().get_eval_dataloader(eval_dataset)
+        # NOTE: a whole pass moves a loader to its next epoch, whose dynamic masks differ; every evaluation
+        # starts again at epoch 0, so each one scores the same masked positions and the numbers compare
+        loader.set_epoch(0)
+        return TrainerBatches(loader)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         folder = resume_from_checkpoint
