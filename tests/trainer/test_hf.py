@@ -7,10 +7,12 @@ tokenizer of each kind, so every model here is small and fast.
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import DATA, write_sotu_subset
+from helpers import DATA, ROOT, write_sotu_subset
 
 import maskstream
 from maskstream import cli
@@ -227,3 +229,43 @@ def test_mlm_trainer_evaluates_an_eval_loader_the_same_every_time_and_as_the_mod
     with pytest.raises(UserError, match="both eval_loader= and eval_dataset="):
         hf.MLMTrainer(model=model, args=args, train_loader=trainer.train_loader, eval_loader=workers,
                       eval_dataset=workers)
+
+
+@pytest.mark.slow
+def test_a_two_process_hf_config_run_splits_the_data_and_trains_as_one_process_with_the_same_global_batch(
+        tiny_data, tmp_path):
+    data = tiny_data("wordpiece")
+    config = tmp_path / "bert.json"   # no dropout, so the two runs compute the same numbers
+    config.write_text(json.dumps({**json.loads(config_file("bert").read_text()), "hidden_dropout_prob": 0.0,
+                                  "attention_probs_dropout_prob": 0.0}))
+    common = ("--hf-config", str(config), "--max-steps", "3", "--loader-partitions", "2", "--device", "cpu",
+              "--eval-data", str(data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer",
+           *flags(data, tmp_path / "two", *common)]   # 2 x 4 sequences a step
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(flags(data, tmp_path / "one", *common, "--batch-size", "8")) == 0
+    two, one = (run_folder.read_metrics(tmp_path / name) for name in ("two", "one"))
+    assert two[-1] == {"step": 3, "replicas_identical": True}
+    assert [r["step"] for r in two if "loss" in r] == [1, 2, 3]
+    for key in ("loss", "eval_loss", "eval_accuracy"):   # DDP averages the ranks' mean losses: to tolerance
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-4)
+
+    # step 1's loss is the mean of the two ranks' losses on their own first batches, which differ
+    loaders = [MLMLoader(str(data), LoaderConfig(batch_size=4, seed=3, partitions=2), rank=r, world_size=2)
+               for r in (0, 1)]
+    firsts = [next(iter(loader)) for loader in loaders]
+    torch.manual_seed(3)   # the run's initial weights
+    model = hf.masked_lm(str(config), loaders[0].index, announce=False)
+    with torch.no_grad():
+        losses = [float(model(b["input_ids"], b["attention_mask"], b["labels"])[1]) for b in firsts]
+    assert not torch.equal(firsts[0]["input_ids"], firsts[1]["input_ids"]) and losses[0] != losses[1]
+    assert two[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+    ckpt = checkpoint.load(checkpoint.latest(tmp_path / "two"))
+    assert ckpt["config"]["world_size"] == 2 and len(ckpt["rng"]) == 2
+    saved, _ = evaluate.load_run(tmp_path / "two")   # what --resume, `evaluate` and fill-mask read
+    exported = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "two" / "hf"))
+    theirs = exported.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in saved.hf.state_dict().items())
