@@ -266,10 +266,13 @@ class MLMTrainer(transformers.Trainer):
             loader = self.eval_dataset.get(loader)
         if not isinstance(loader, MLMLoader):   # a datasets.Dataset with a collator: the Trainer's own way
             return super().get_eval_dataloader(eval_dataset)
-        # NOTE: a whole pass moves a loader to its next epoch, whose dynamic masks differ; every evaluation
-        # starts again at epoch 0, so each one scores the same masked positions and the numbers compare
-        loader.set_epoch(0)
-        return TrainerBatches(loader)
+        return from_the_start(loader)
+
+    def get_test_dataloader(self, test_dataset):
+        """predict(loader): the logits of every position of the loader's batches, from epoch 0."""
+        if not isinstance(test_dataset, MLMLoader):
+            return super().get_test_dataloader(test_dataset)
+        return from_the_start(test_dataset)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         folder = resume_from_checkpoint
@@ -282,6 +285,14 @@ class MLMTrainer(transformers.Trainer):
                                   "checkpoint of an MLMTrainer run, or start a new run")
             self.train_loader.load_state_dict(json.loads(path.read_text()))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def from_the_start(loader: MLMLoader) -> TrainerBatches:
+    """An evaluation's batches: the loader's epoch 0, every time."""
+    # NOTE: a whole pass moves a loader to its next epoch, whose dynamic masks differ; every evaluation starts
+    # again at epoch 0, so each one scores the same masked positions and the numbers compare
+    loader.set_epoch(0)
+    return TrainerBatches(loader)
 
 
 def loader_state_name(rank: int) -> str:

@@ -213,11 +213,11 @@ def test_mlm_trainer_evaluates_an_eval_loader_the_same_every_time_and_as_the_mod
     torch.manual_seed(0)
     model = transformers.AutoModelForMaskedLM.from_config(transformers.AutoConfig.for_model(**fields))
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, learning_rate=1e-3,
-                                          per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                                          per_device_train_batch_size=4, per_device_eval_batch_size=16,
                                           eval_strategy="steps", eval_steps=2, logging_steps=1, save_strategy="no",
                                           report_to=[], use_cpu=True, disable_tqdm=True)
     trainer = hf.MLMTrainer(model=model, args=args, train_loader=MLMLoader(str(data), LoaderConfig(batch_size=4)),
-                            eval_loader=evaluate.eval_loader(str(data), batch_size=4))
+                            eval_loader=evaluate.eval_loader(str(data), batch_size=16))
     trainer.train()
     during = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
     assert len(during) == 2 and during[0] != during[1]   # after steps 2 and 4: the model changed in between
@@ -227,13 +227,16 @@ def test_mlm_trainer_evaluates_an_eval_loader_the_same_every_time_and_as_the_mod
     model.eval()   # the Trainer's number: the mean of the model's own loss over the eval batches
     with torch.no_grad():
         direct = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
-                        labels=b["labels"]).loss for b in evaluate.eval_loader(str(data), batch_size=4)]
+                        labels=b["labels"]).loss for b in evaluate.eval_loader(str(data), batch_size=16)]
     assert len(direct) == len(trainer.get_eval_dataloader()) > 2
     assert first["eval_loss"] == pytest.approx(float(torch.stack(direct).mean()), rel=1e-6)
-    workers = MLMLoader(str(data), LoaderConfig(batch_size=4, seed=evaluate.EVAL_SEED, remainder="wrap",
+    workers = MLMLoader(str(data), LoaderConfig(batch_size=16, seed=evaluate.EVAL_SEED, remainder="wrap",
                                                 num_workers=2))
     by_name = trainer.evaluate(eval_dataset={"held": workers})   # worker processes read the same batches
     assert by_name["eval_held_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
+    predicted = trainer.predict(workers)   # and predict() gives every position's logits of the same batches
+    assert predicted.metrics["test_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
+    assert predicted.predictions.shape == (len(direct) * 16, 64, 300)
     with pytest.raises(UserError, match="both eval_loader= and eval_dataset="):
         hf.MLMTrainer(model=model, args=args, train_loader=trainer.train_loader, eval_loader=workers,
                       eval_dataset=workers)
