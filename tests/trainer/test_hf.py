@@ -210,17 +210,24 @@ def test_mlm_loader_feeds_a_transformers_trainer_with_its_own_masks_and_resumes_
 def test_mlm_trainer_evaluates_an_eval_loader_the_same_every_time_and_as_the_model_scores_it(tiny_data, tmp_path):
     data = tiny_data("wordpiece")
     fields = {**json.loads(config_file("bert").read_text()), "vocab_size": 300, "max_position_embeddings": 64}
-    torch.manual_seed(0)
-    model = transformers.AutoModelForMaskedLM.from_config(transformers.AutoConfig.for_model(**fields))
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, learning_rate=1e-3,
-                                          per_device_train_batch_size=4, per_device_eval_batch_size=16,
-                                          eval_strategy="steps", eval_steps=2, logging_steps=1, save_strategy="no",
-                                          report_to=[], use_cpu=True, disable_tqdm=True)
-    trainer = hf.MLMTrainer(model=model, args=args, train_loader=MLMLoader(str(data), LoaderConfig(batch_size=4)),
-                            eval_loader=evaluate.eval_loader(str(data), batch_size=16))
-    trainer.train()
-    during = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
+
+    def trained(**evaluation):
+        torch.manual_seed(0)   # the weights, and the dropout of training (bert-tiny's 0.1)
+        model = transformers.AutoModelForMaskedLM.from_config(transformers.AutoConfig.for_model(**fields))
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, learning_rate=1e-3,
+                                              per_device_train_batch_size=4, per_device_eval_batch_size=16,
+                                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                                              disable_tqdm=True, **evaluation)
+        trainer = hf.MLMTrainer(model=model, args=args, train_loader=MLMLoader(str(data), LoaderConfig(batch_size=4)),
+                                eval_loader=evaluate.eval_loader(str(data), batch_size=16))
+        trainer.train()
+        return model, trainer, {k: [r[k] for r in trainer.state.log_history if k in r] for k in ("loss", "eval_loss")}
+
+    _, _, alone = trained()
+    model, trainer, logged = trained(eval_strategy="steps", eval_steps=2)
+    during = logged["eval_loss"]
     assert len(during) == 2 and during[0] != during[1]   # after steps 2 and 4: the model changed in between
+    assert logged["loss"] == alone["loss"] and len(alone["loss"]) == 4   # evaluating changed nothing of training
     first, again = trainer.evaluate(), trainer.evaluate()
     assert first["eval_loss"] == again["eval_loss"] == during[1]   # the same batches and masks every time
 
@@ -238,7 +245,7 @@ def test_mlm_trainer_evaluates_an_eval_loader_the_same_every_time_and_as_the_mod
     assert predicted.metrics["test_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
     assert predicted.predictions.shape == (len(direct) * 16, 64, 300)
     with pytest.raises(UserError, match="both eval_loader= and eval_dataset="):
-        hf.MLMTrainer(model=model, args=args, train_loader=trainer.train_loader, eval_loader=workers,
+        hf.MLMTrainer(model=model, args=trainer.args, train_loader=trainer.train_loader, eval_loader=workers,
                       eval_dataset=workers)
 
 
