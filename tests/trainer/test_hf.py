@@ -250,12 +250,12 @@ def test_mlm_trainer_evaluates_an_eval_loader_the_same_every_time_and_as_the_mod
 
 
 @pytest.mark.slow
-def test_a_two_process_hf_config_run_splits_the_data_and_trains_as_one_process_with_the_same_global_batch(
-        tiny_data, tmp_path):
+def test_a_two_process_hf_config_run_splits_the_data_trains_as_one_process_does_and_resumes_on_one(
+        tiny_data, tmp_path, capsys):
     data = tiny_data("wordpiece")
     config = without_dropout(tmp_path)
-    common = ("--hf-config", str(config), "--max-steps", "3", "--loader-partitions", "2", "--device", "cpu",
-              "--eval-data", str(data))
+    common = ("--hf-config", str(config), "--max-steps", "4", "--save-every", "2", "--loader-partitions", "2",
+              "--device", "cpu", "--eval-data", str(data))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer",
            *flags(data, tmp_path / "two", *common)]   # 2 x 4 sequences a step
@@ -263,8 +263,8 @@ def test_a_two_process_hf_config_run_splits_the_data_and_trains_as_one_process_w
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(flags(data, tmp_path / "one", *common, "--batch-size", "8")) == 0
     two, one = (run_folder.read_metrics(tmp_path / name) for name in ("two", "one"))
-    assert two[-1] == {"step": 3, "replicas_identical": True}
-    assert [r["step"] for r in two if "loss" in r] == [1, 2, 3]
+    assert two[-1] == {"step": 4, "replicas_identical": True}
+    assert [r["step"] for r in two if "loss" in r] == [1, 2, 3, 4]
     for key in ("loss", "eval_loss", "eval_accuracy"):   # DDP averages the ranks' mean losses: to tolerance
         assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-4)
 
@@ -286,6 +286,14 @@ def test_a_two_process_hf_config_run_splits_the_data_and_trains_as_one_process_w
     theirs = exported.state_dict()
     assert all(torch.equal(theirs[k], v) for k, v in saved.hf.state_dict().items())
 
+    checkpoint.latest(tmp_path / "two").unlink()   # as if the two processes had stopped after step 2
+    capsys.readouterr()
+    assert main(flags(data, tmp_path / "two", *common, "--batch-size", "8", "--resume")) == 0
+    assert "resuming a 2-process checkpoint on 1 processes" in capsys.readouterr().err
+    resumed = run_folder.read_metrics(tmp_path / "two")
+    assert [r["loss"] for r in resumed if "loss" in r] == pytest.approx([r["loss"] for r in one if "loss" in r],
+                                                                         rel=1e-4)
+
 
 @pytest.mark.slow
 def test_compile_with_an_hf_config_trains_as_the_eager_run_and_saves_the_plain_model(tiny_data, tmp_path,
@@ -293,7 +301,7 @@ def test_compile_with_an_hf_config_trains_as_the_eager_run_and_saves_the_plain_m
     """--compile's path through the loop: dynamo captures the transformers model (a graph break where the
     labelled logits are picked) and AOT autograd its backward. NOTE: the aot_eager backend leaves out only
     inductor's code generation, which takes about a minute for bert-tiny on 2 CPU cores; with it the losses
-    matched to 1e-7 (ModernBERT too), measured by hand."""
+    matched to 1e-6 (ModernBERT too), measured by hand."""
     data = tiny_data("wordpiece")
     common = ("--hf-config", str(without_dropout(tmp_path)), "--max-steps", "2")
     assert main(flags(data, tmp_path / "eager", *common)) == 0
