@@ -43,7 +43,7 @@ from maskstream.loader.index_check import IndexProblem, check_index
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1: no record checksums, no document starts (read with a warning)
-CHECKSUM = "xxh3_64"        # of a record's tar bytes [offset, end); see README "Design notes" for the choice
+CHECKSUM = "xxh3_64"        # of a record's tar bytes [offset, end); see docs/design-notes.md for the choice
 INDEX_FILE = "index.json"
 PARTIAL_SUFFIX = ".partial"  # temporary names of shards being written; renamed when complete
 MAX_MEMBER_BYTES = 64 << 20  # a reader refuses any member larger than this

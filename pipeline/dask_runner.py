@@ -8,12 +8,16 @@
   4. outputs a DoFn emits in `finish_bundle` are dropped: a partition's results are collected before
      finish_bundle runs (`apply_dofn_to_bundle`), so Tokenize's last batch of every partition would vanish;
   5. a ParDo's receivers (one list) are built once, in the graph, and every partition that a worker
-     deserializes together appends to the same list.
+     deserializes together appends to the same list;
+  6. `Reshuffle` is replaced by a transform with no translation, a no-op: a collection keeps its partitions,
+     so every pack group of an input file is tokenized in that file's one partition, by one worker thread.
 The job's shape avoids 1-3 on every runner (transforms.py: one output per stage, a tagged union filtered
 downstream; every branch feeds WriteIndex, the last stage; the summary is built from the data). 4 and 5 are
 fixed here: a ParDo translation whose partition function builds its receivers and invoker per partition and
-collects the outputs after finish_bundle; a tagged output, which it cannot route, fails loudly. It is
-installed in Beam's translation table only while the graph is translated and restored right after.
+collects the outputs after finish_bundle; a tagged output, which it cannot route, fails loudly. 6 is fixed by a
+Reshuffle translation that splits every partition into pieces, SPREAD_PER_THREAD pieces per worker thread of
+the cluster in all, which the scheduler runs wherever threads are free. Both are installed in Beam's
+translation table only while the graph is translated and restored right after.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from maskstream.errors import UserError
 
 NAMES = ("daskrunner", "dask", "apache_beam.runners.dask.dask_runner.daskrunner")
 # _OutputHandler's parameters this module passes: checked before the translation is replaced
+SPREAD_PER_THREAD = 2  # pieces per worker thread after a Reshuffle: uneven pieces still even out over threads
 OUTPUT_HANDLER_PARAMS = ("window_fn", "main_receivers", "tagged_receivers", "per_element_output_counter",
                          "output_batch_converter", "process_yields_batches", "process_batch_yields_elements")
 
@@ -95,14 +100,38 @@ def _translation():
     return FixedParDo
 
 
+def _spread_translation():
+    """Reshuffle as a spread of every partition into pieces (6); the elements and their order within a piece
+    are kept, which is all the job asks of a Reshuffle (its output bytes do not depend on bundles)."""
+    from apache_beam.runners.dask.transform_evaluator import DaskBagOp
+
+    class Spread(DaskBagOp):
+        def apply(self, input_bag, side_inputs=None):
+            pieces = -(-spread_target() // input_bag.npartitions)
+            return input_bag.repartition(npartitions=input_bag.npartitions * pieces) if pieces > 1 else input_bag
+    return Spread
+
+
+def spread_target() -> int:
+    """Partitions a reshuffled collection is spread over: SPREAD_PER_THREAD per thread of the client's cluster."""
+    from distributed import get_client
+    try:
+        threads = sum(get_client().nthreads().values())
+    except ValueError:  # no client in this process
+        threads = 1
+    return SPREAD_PER_THREAD * max(threads, 1)
+
+
 def _check_beam():
-    """The reach assumes Beam's translation table maps ParDo to its own op, and _OutputHandler's parameters."""
+    """The reach assumes Beam's translation table maps ParDo to its own op and has none for its Reshuffle, and
+    _OutputHandler's parameters."""
     import apache_beam as beam
     from apache_beam.runners.common import _OutputHandler
     from apache_beam.runners.dask import transform_evaluator as te
+    from apache_beam.runners.dask.overrides import _Reshuffle
     try:    # NOTE: a compiled class: its signature cannot be inspected, so one is built with the arguments used
         _OutputHandler(**dict.fromkeys(OUTPUT_HANDLER_PARAMS))
-        fits = te.TRANSLATIONS.get(beam.ParDo) is te.ParDo
+        fits = te.TRANSLATIONS.get(beam.ParDo) is te.ParDo and _Reshuffle not in te.TRANSLATIONS
     except TypeError:
         fits = False
     if not fits:
@@ -116,6 +145,7 @@ def dask_runner():
         import dask.distributed  # noqa: F401
         from apache_beam.runners.dask import dask_runner as beam_dask
         from apache_beam.runners.dask import transform_evaluator as te
+        from apache_beam.runners.dask.overrides import _Reshuffle
     except ImportError as e:
         raise UserError(f"--runner=DaskRunner needs dask.distributed ({e}); install maskstream[dask]") from e
     import apache_beam as beam
@@ -125,6 +155,7 @@ def dask_runner():
             _check_beam()
             beam_op = te.TRANSLATIONS[beam.ParDo]
             te.TRANSLATIONS[beam.ParDo] = _translation()
+            te.TRANSLATIONS[_Reshuffle] = _spread_translation()
             try:
                 result = super().run_pipeline(pipeline, options)
             except OSError as e:      # the client could not reach the scheduler: a user's address or cluster
@@ -133,6 +164,7 @@ def dask_runner():
                                 "(e.g. `dask scheduler` and `dask worker`) or fix --dask_client_address") from e
             finally:
                 te.TRANSLATIONS[beam.ParDo] = beam_op     # the graph is built; Beam's table as it was
+                te.TRANSLATIONS.pop(_Reshuffle, None)
             return _ClosingResult(result)
     return DaskRunner()
 

@@ -114,6 +114,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, /proc/PID/stat field 22); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat.rsplit(b")", 1)[1].split()[19])  # after "pid (comm)": fields 3, 4, ... 22
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def boot_id() -> str | None:
+    """This boot's id: pids and start times are only comparable within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 class Lock:
     """Held by one run into OUT: refuses a second live run, takes over a lock of a dead process on this host."""
 
@@ -121,7 +140,8 @@ class Lock:
         self.path = lock_path(output)
         self.output = output
         self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "run": run_id,
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(command)}
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(command),
+                       "pid_start": process_start(os.getpid()), "boot": boot_id()}
 
     def __enter__(self) -> "Lock":
         for _ in range(3):
@@ -173,7 +193,15 @@ class Lock:
         return holder if isinstance(holder, dict) and {"pid", "host", "started"} <= set(holder) else None
 
     def _stale(self, other: dict) -> bool:
-        return other["host"] == self.holder["host"] and isinstance(other["pid"], int) and not _alive(other["pid"])
+        """The holder ran on this host and is gone: dead, or its pid now names another process (reused after it
+        died, told by the pid's start time), or the host has rebooted since."""
+        pid = other["pid"]
+        if other["host"] != self.holder["host"] or not isinstance(pid, int):
+            return False
+        if not _alive(pid) or other.get("boot") not in (None, self.holder["boot"]):
+            return True
+        start = process_start(pid)
+        return other.get("pid_start") is not None and start is not None and start != other["pid_start"]
 
     def _remove_stale(self) -> None:
         if store.is_local(self.path):   # renamed away first: of two runs taking over at once, one removes it

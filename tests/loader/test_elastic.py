@@ -156,3 +156,23 @@ def test_each_rank_reads_little_more_than_the_bytes_of_the_sequences_it_consumes
             ratios[world, rank] = counter.bytes / consumed
     print({k: round(v, 3) for k, v in ratios.items()})
     assert max(ratios.values()) <= 1.15  # cut at q * S: up to 1.14 here
+
+
+def test_a_state_saved_before_version_3_resumes_with_the_contiguous_cut_it_was_saved_with(records):
+    """Versions 1 and 2 cut partition q at stream positions [q*S, (q+1)*S): such a state resumes with that
+    cut (the batches the run was getting), and the state it saves next keeps it."""
+    loader = MLMLoader(records, LoaderConfig(batch_size=8, partitions=8, seed=4), world_size=2)
+    loader.set_epoch(1)
+    collect(loader, limit=5)
+    state = loader.state_dict()
+    assert state["format_version"] == 3 and state["layout"] == "records"
+    old = {k: v for k, v in state.items() if k != "layout"} | {"format_version": 2}
+    resumed = MLMLoader(records, LoaderConfig(batch_size=8, partitions=8, seed=4), world_size=2)
+    resumed.load_state_dict(old)
+    assert resumed.state_dict()["layout"] == "contiguous"
+    plan = resumed._epoch_plan(1, 5)
+    nb, g = plan.batches_per_rank, 8 * 2 // 8
+    for spec in plan.specs(0, 5):  # rank 0's partitions 0..3, as the version-2 loader cut them
+        assert list(spec.segments) == [s for q in range(4) for s in plan.order.segments((q * nb + spec.index) * g, g)]
+    assert not same(global_batches(records, 2, 8, epoch=1, state=old), global_batches(records, 2, 8, epoch=1,
+                                                                                     state=state))

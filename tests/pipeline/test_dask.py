@@ -3,6 +3,7 @@ bytes as the local runner; and the fenced fix of Beam's Dask ParDo translation (
 from __future__ import annotations
 
 import json
+import os
 
 import apache_beam as beam
 import pytest
@@ -91,3 +92,26 @@ def test_dask_cluster_writes_the_local_runners_bytes(cluster, curated_inputs, be
     assert {k: v for k, v in a.items() if k != "index.json"} == {k: v for k, v in b.items() if k != "index.json"}
     assert on_dask["shards"] == local["shards"]
     assert transform_evaluator.TRANSLATIONS[beam.ParDo] is transform_evaluator.ParDo   # Beam's table restored
+
+
+@pytest.mark.slow
+def test_a_reshuffle_spreads_one_files_partition_over_every_worker(cluster, tmp_path):
+    """Beam 2.77 makes Reshuffle a no-op on Dask, so one input file would be tokenized by one worker thread;
+    the fenced translation splits each partition into pieces over the cluster's threads."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    out = str(tmp_path)
+
+    def note_worker(x):  # nested: pickled by value, as the workers cannot import this test module
+        import os
+        import time
+        time.sleep(0.05)
+        with open(os.path.join(out, f"{x}-{os.getpid()}"), "w"):
+            pass
+        return x
+
+    options = PipelineOptions([f"--dask_client_address={cluster}", "--dask_npartitions=1"])
+    with beam.Pipeline(runner=dask_runner.dask_runner(), options=options) as p:
+        _ = p | beam.Create(["one file"]) | beam.FlatMap(lambda _: range(64)) | beam.Reshuffle() | beam.Map(note_worker)
+    done = [name.split("-") for name in os.listdir(out)]
+    assert sorted(int(x) for x, _ in done) == list(range(64))     # every element once
+    assert len({pid for _, pid in done}) == 2, "one worker did all the work"

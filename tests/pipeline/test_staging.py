@@ -298,3 +298,28 @@ def test_disk_full_while_staging_leaves_the_previous_dataset_whole(sotu_subset, 
     assert got["first"] == 0 and got["second"] != 0, got
     assert "No space left on device" in got["err"] and got["verify"] == 0, got
     assert got["left"] == ["out"], got                 # staging removed, lock released
+
+
+def test_a_lock_whose_pid_now_names_another_process_or_is_from_another_boot_is_taken_over(tmp_path, capsys):
+    """A pid is reused after its process dies: the lock records the holder's start time and boot, so a live
+    process that is not the holder does not keep OUT locked forever."""
+    out = tmp_path / "out"
+    lock = Path(staging.lock_path(str(out)))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"pid": sleeper.pid, "host": os.uname().nodename, "started": "2026-01-01T00:00:00",
+                  "command": "maskstream preprocess --output out", "run": "other",
+                  "pid_start": staging.process_start(sleeper.pid), "boot": staging.boot_id()}
+        assert holder["pid_start"] is not None and holder["boot"]
+        lock.write_text(json.dumps(holder))
+        with pytest.raises(UserError, match=f"held by a running preprocess \\(pid {sleeper.pid} on "):
+            staging.Lock(str(out), ["maskstream", "preprocess"], "mine").__enter__()
+        for reused in ({"pid_start": holder["pid_start"] - 1}, {"boot": "another-boot"}):
+            lock.write_text(json.dumps(holder | reused))
+            with staging.Lock(str(out), ["maskstream", "preprocess"], "mine"):
+                assert json.loads(lock.read_text())["run"] == "mine"
+            assert f"taking over {lock} of a dead run (pid {sleeper.pid}" in capsys.readouterr().err
+            assert not lock.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
