@@ -241,8 +241,9 @@ class MLMTrainer(transformers.Trainer):
     restores it, so a resumed run reads exactly the batches and masks the uninterrupted one would have.
 
     `eval_loader=` (an MLMLoader, or a dict of them by name, as eval_dataset takes datasets) is what
-    `evaluate()` and the `eval_strategy` evaluations score, each time from epoch 0: the same batches and masks
-    every time. `maskstream.trainer.evaluate.eval_loader(...)` builds one with the fixed evaluation mask."""
+    `evaluate()` and the `eval_strategy` evaluations score, and `predict(loader)` takes one, each time from
+    epoch 0: the same batches and masks every time. `maskstream.trainer.evaluate.eval_loader(...)` builds one
+    with the fixed evaluation mask."""
 
     def __init__(self, *args, train_loader, eval_loader=None, **kwargs):
         if eval_loader is not None and kwargs.get("eval_dataset") is not None:
@@ -266,13 +267,23 @@ class MLMTrainer(transformers.Trainer):
             loader = self.eval_dataset.get(loader)
         if not isinstance(loader, MLMLoader):   # a datasets.Dataset with a collator: the Trainer's own way
             return super().get_eval_dataloader(eval_dataset)
-        return from_the_start(loader)
+        return self.from_the_start(loader)
 
     def get_test_dataloader(self, test_dataset):
         """predict(loader): the logits of every position of the loader's batches, from epoch 0."""
         if not isinstance(test_dataset, MLMLoader):
             return super().get_test_dataloader(test_dataset)
-        return from_the_start(test_dataset)
+        return self.from_the_start(test_dataset)
+
+    def from_the_start(self, loader: MLMLoader) -> TrainerBatches:
+        """An evaluation's batches: the loader's epoch 0, every time."""
+        if loader is self.train_loader:
+            raise UserError("MLMTrainer cannot evaluate on its train_loader: that would move training back to "
+                            "epoch 0; pass another MLMLoader (e.g. maskstream.trainer.evaluate.eval_loader(...))")
+        # NOTE: a whole pass moves a loader to its next epoch, whose dynamic masks differ; every evaluation
+        # starts again at epoch 0, so each one scores the same masked positions and the numbers compare
+        loader.set_epoch(0)
+        return TrainerBatches(loader)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         folder = resume_from_checkpoint
@@ -285,14 +296,6 @@ class MLMTrainer(transformers.Trainer):
                                   "checkpoint of an MLMTrainer run, or start a new run")
             self.train_loader.load_state_dict(json.loads(path.read_text()))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-
-def from_the_start(loader: MLMLoader) -> TrainerBatches:
-    """An evaluation's batches: the loader's epoch 0, every time."""
-    # NOTE: a whole pass moves a loader to its next epoch, whose dynamic masks differ; every evaluation starts
-    # again at epoch 0, so each one scores the same masked positions and the numbers compare
-    loader.set_epoch(0)
-    return TrainerBatches(loader)
 
 
 def loader_state_name(rank: int) -> str:

@@ -244,6 +244,8 @@ def test_mlm_trainer_evaluates_an_eval_loader_the_same_every_time_and_as_the_mod
     predicted = trainer.predict(workers)   # and predict() gives every position's logits of the same batches
     assert predicted.metrics["test_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
     assert predicted.predictions.shape == (len(direct) * 16, 64, 300)
+    with pytest.raises(UserError, match="cannot evaluate on its train_loader"):   # it would rewind training
+        trainer.evaluate(eval_dataset=trainer.train_loader)
     with pytest.raises(UserError, match="both eval_loader= and eval_dataset="):
         hf.MLMTrainer(model=model, args=trainer.args, train_loader=trainer.train_loader, eval_loader=workers,
                       eval_dataset=workers)
