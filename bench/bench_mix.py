@@ -6,7 +6,7 @@ global batch into contiguous rank slices.
 Sequences: bench_loader's SOTU shards (bert-base-uncased, 128 tokens, 512 sequences per record), and the same
 sequences cut into three datasets. Tokens/s counts B x L positions after the first batch per CPU second of the
 process (per wall second over HTTP), masking on the CPU, one intra-op torch thread, no worker processes (the
-per-batch cost of the loader itself); contenders interleaved, best of 3 rounds.
+per-batch cost of the loader itself); contenders interleaved, best of 5 rounds.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def run(args) -> list[Row]:
 
 def _run(args) -> list[Row]:
     quick = getattr(args, "quick", False)
-    repeat = 1 if quick else 3
+    repeat = 1 if quick else 5  # rounds are short (one epoch, ~0.3 s of CPU): 3 left +-20 % between runs
     work = Path(args.workdir) if getattr(args, "workdir", None) else Path(tempfile.mkdtemp(prefix="ms-bench-"))
     packed = bench_loader.pack_corpus(40 if quick else None)
     n = len(packed[0])
