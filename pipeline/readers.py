@@ -283,18 +283,46 @@ def _paragraph(block, start):
     return len(data), start, data
 
 
+PARQUET_BATCH_BYTES = 16 << 20  # text bytes pyarrow decodes at once, at the row group's mean bytes per row
+
+
 def _read_parquet(path, source):
+    """Row by row, in batches of about PARQUET_BATCH_BYTES. A value over max_record_bytes is a TooLong; a row
+    group whose text column holds on average more than max_record_bytes per row (the metadata says so before
+    anything is decoded) is all TooLong, unread.
+
+    NOTE: pyarrow decodes a page whole, so one value far over the limit among many small ones in a row group
+    is still decoded before it is measured; only the mean per row can be checked beforehand."""
     import pyarrow.parquet as pq
     with _open(path) as f:
         pf = pq.ParquetFile(f)
         if source.text_field not in pf.schema_arrow.names:
             raise UserError(f"{path}: no column {source.text_field!r}; columns: {pf.schema_arrow.names}. "
                              "Pass --text-column NAME.")
-        row = 0
-        for batch in pf.iter_batches(columns=[source.text_field], batch_size=4096):
-            for value in batch.column(0).to_pylist():
-                yield (len(value.encode()) if isinstance(value, str) else 1), row, value
-                row += 1
+        limit, row = source.max_record_bytes, 0
+        for g in range(pf.metadata.num_row_groups):
+            rows, size = _text_column_size(pf.metadata.row_group(g), source.text_field)
+            mean = size / max(rows, 1)
+            if mean > limit:
+                for _ in range(rows):
+                    yield 1, row, TooLong(round(mean))
+                    row += 1
+                continue
+            batch_rows = int(min(4096, max(1, PARQUET_BATCH_BYTES // max(mean, 1))))
+            for batch in pf.iter_batches(columns=[source.text_field], batch_size=batch_rows, row_groups=[g]):
+                for value in batch.column(0).to_pylist():
+                    size = len(value.encode()) if isinstance(value, str) else 1
+                    yield size, row, (value if size <= limit else TooLong(size))
+                    row += 1
+
+
+def _text_column_size(row_group, name: str) -> tuple[int, int]:
+    """(rows, uncompressed bytes of column `name`) of a row group's metadata."""
+    for c in range(row_group.num_columns):
+        column = row_group.column(c)
+        if column.path_in_schema == name:
+            return row_group.num_rows, column.total_uncompressed_size
+    return row_group.num_rows, 0
 
 
 # format -> reader of (size, position, data); text's reader depends on SourceConfig.text_mode

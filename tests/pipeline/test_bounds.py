@@ -104,3 +104,66 @@ def test_a_gzip_expanding_to_gigabytes_on_one_line_stays_in_bounded_memory(tmp_p
     c = got["counts"]
     assert (c["documents_written"], c["rejects_by_reason"]) == (2, {"too_long": 1})
     assert read_rejects(out)[0]["detail"].startswith(f"{(2048 << 20):,} bytes")
+
+
+def parquet_raws(path, **kw):
+    from maskstream.pipeline.config import SourceConfig
+    return list(readers.iter_raw_records(str(path), SourceConfig(inputs=(str(path),), **kw)))
+
+
+def test_a_parquet_value_over_the_limit_is_a_too_long_reject_and_its_neighbours_are_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["a good row", "x" * 5000, "another good row"]}), path)
+    got = [(r.position, r.fmt) for r in parquet_raws(path, max_record_bytes=4096)]
+    assert got == [(0, "parquet"), (1, readers.TOO_LONG), (2, "parquet")]
+
+
+PARQUET_BOMB = """
+import sys
+import pyarrow as pa
+from maskstream.pipeline import readers
+from maskstream.pipeline.config import SourceConfig
+source = SourceConfig(inputs=(sys.argv[1],), max_record_bytes=int(sys.argv[2]))
+raws = list(readers.iter_raw_records(sys.argv[1], source))
+print(sorted({r.fmt for r in raws}), len(raws), pa.default_memory_pool().max_memory())
+"""
+
+
+@pytest.mark.slow
+def test_a_parquet_row_group_averaging_over_the_limit_is_rejected_before_pyarrow_decodes_it(tmp_path):
+    """A 128 MiB value that compresses to a few hundred KiB: the row group's metadata gives its size, so it is
+    a too_long reject without being decompressed (pyarrow's pool never holds it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / "bomb.parquet"
+    bomb = pa.table({"text": ["z" * (128 << 20)]})
+    pq.write_table(bomb, path, compression="zstd")
+    del bomb
+    assert path.stat().st_size < 4 << 20
+    assert read_parquet_in_a_process(path, 1 << 20, peak_below=16 << 20) == ([readers.TOO_LONG], 1)
+
+
+def read_parquet_in_a_process(path, max_record_bytes, *, peak_below: int) -> tuple[list[str], int]:
+    """(formats of the records read, count), after checking pyarrow's memory pool peaked under `peak_below`."""
+    done = subprocess.run([sys.executable, "-c", PARQUET_BOMB, str(path), str(max_record_bytes)],
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+    formats, count, peak = done.stdout.rsplit(" ", 2)
+    assert int(peak) < peak_below, done.stdout
+    return eval(formats), int(count)  # noqa: S307 -- our own subprocess's printed list
+
+
+@pytest.mark.slow
+def test_parquet_rows_are_decoded_a_bounded_number_of_bytes_at_a_time(tmp_path):
+    """2,000 rows of 50 KB (100 MB) in one row group, in small pages: about 16 MiB of text is decoded at a time
+    (pyarrow's pool peaks near 46 MiB), not 4,096 rows at once (100 MiB).
+
+    NOTE: pyarrow decodes a page whole, and its own writer closes a page only every write_batch_size rows
+    (1,024 by default), so on files written that way the page, not the batch, bounds what is decoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / "long-rows.parquet"
+    pq.write_table(pa.table({"text": [f"{i} " + "word " * 10_000 for i in range(2000)]}), path,
+                   compression="zstd", write_batch_size=16)
+    assert read_parquet_in_a_process(path, 64 << 20, peak_below=64 << 20) == (["parquet"], 2000)
