@@ -267,8 +267,12 @@ def test_a_two_process_hf_config_run_splits_the_data_trains_as_one_process_does_
     two, one = (run_folder.read_metrics(tmp_path / name) for name in ("two", "one"))
     assert two[-1] == {"step": 4, "replicas_identical": True}
     assert [r["step"] for r in two if "loss" in r] == [1, 2, 3, 4]
-    for key in ("loss", "eval_loss", "eval_accuracy"):   # DDP averages the ranks' mean losses: to tolerance
-        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-4)
+    # DDP averages the ranks' gradients in another summation order than one process's batch, and Adam's first
+    # steps (m / sqrt(v) near +-1 for tiny gradients) amplify such 1e-7 differences: runs differed by up to
+    # 3.4e-4 at step 4 on one CI run, so later steps are compared to 2e-3 (a wrong split of the data moves the
+    # loss by 1e-2 and more, and step 1 is checked exactly below)
+    for key in ("loss", "eval_loss", "eval_accuracy"):
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=2e-3)
 
     # step 1's loss is the mean of the two ranks' losses on their own first batches, which differ
     loaders = [MLMLoader(str(data), LoaderConfig(batch_size=4, seed=3, partitions=2), rank=r, world_size=2)
@@ -294,7 +298,7 @@ def test_a_two_process_hf_config_run_splits_the_data_trains_as_one_process_does_
     assert "resuming a 2-process checkpoint on 1 processes" in capsys.readouterr().err
     resumed = run_folder.read_metrics(tmp_path / "two")
     assert [r["loss"] for r in resumed if "loss" in r] == pytest.approx([r["loss"] for r in one if "loss" in r],
-                                                                         rel=1e-4)
+                                                                         rel=2e-3)
 
 
 @pytest.mark.slow
